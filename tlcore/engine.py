@@ -1,0 +1,227 @@
+"""Training and evaluation loops, over cached features or streamed images alike.
+
+A *source* yields ``(inputs, labels)`` batches in a given order. The same loop trains a head on
+tensors from the feature cache, a head on features streamed through the frozen network, or the
+whole network on streamed images; only the source differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from tlcore.datasets import Split
+from tlcore.inputs import Preprocess, create_loader
+
+__all__ = [
+    "TensorSource",
+    "StreamSource",
+    "Evaluation",
+    "frozen_outputs",
+    "input_statistics",
+    "train_one_epoch",
+    "evaluate",
+    "fit",
+]
+
+log = logging.getLogger(__name__)
+
+
+class TensorSource:
+    """Batches sliced from tensors already in memory (features read from the cache)."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device):
+        self.inputs = inputs.to(device)
+        self.labels = labels.long().to(device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, order: Sequence[int] | torch.Tensor | None = None):
+        if order is None:
+            for start in range(0, len(self), batch_size):
+                yield self.inputs[start:start + batch_size], self.labels[start:start + batch_size]
+            return
+        order = torch.as_tensor(order, device=self.inputs.device)
+        for start in range(0, len(self), batch_size):
+            index = order[start:start + batch_size]
+            yield self.inputs.index_select(0, index), self.labels.index_select(0, index)
+
+
+class StreamSource:
+    """Batches decoded from image files; ``transform`` (e.g. the frozen network) runs on them.
+
+    Args:
+        split: the images.
+        preprocess: input pipeline settings.
+        device: where the batches land.
+        backend: ``dali`` or ``torchvision``.
+        transform: applied to each image batch under ``torch.no_grad``, or ``None``.
+    """
+
+    def __init__(self, split: Split, preprocess: Preprocess, device: torch.device,
+                 backend: str = "dali", transform: Callable | None = None):
+        self.split, self.preprocess, self.device = split, preprocess, device
+        self.backend, self.transform = backend, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batches(self, batch_size: int, order=None):
+        order = None if order is None else [int(i) for i in order]
+        loader = create_loader(self.split, self.preprocess, batch_size, device=self.device,
+                               backend=self.backend, order=order)
+        for images, labels in loader:
+            if self.transform is not None:
+                with torch.no_grad():
+                    images = self.transform(images)
+            yield images, labels.to(self.device)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Evaluation:
+    """Predictions over one pass of a source."""
+
+    probs: np.ndarray  # (N, K)
+    labels: np.ndarray  # (N,)
+    loss: float
+    seconds: float
+    images_per_s: float  # after the first (warm-up) batch, when there is more than one
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.probs.argmax(1) == self.labels).mean())
+
+
+@torch.inference_mode()
+def evaluate(module: nn.Module, source, batch_size: int, *, device: torch.device,
+             autocast: bool = False, progress: bool = False, desc: str = "eval") -> Evaluation:
+    """Run ``module`` once over every batch of ``source`` in eval mode."""
+    module.eval()
+    probs, labels, loss_sum = [], [], 0.0
+    start = time.perf_counter()
+    warm_start, warm_images = start, 0
+    batches = tqdm(source.batches(batch_size), total=-(-len(source) // batch_size),
+                   desc=desc, disable=not progress, leave=False, unit="batch")
+    for inputs, targets in batches:
+        with _autocast(device, autocast):
+            logits = module(inputs)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()  # syncs the GPU
+        probs.append(logits.softmax(1).cpu())
+        labels.append(targets.cpu())
+        if len(labels) == 1:
+            warm_start = time.perf_counter()
+        else:
+            warm_images += len(targets)
+    end = time.perf_counter()
+    labels_np = torch.cat(labels).numpy()
+    if warm_images:
+        images_per_s = warm_images / max(end - warm_start, 1e-9)
+    else:
+        images_per_s = len(labels_np) / max(end - start, 1e-9)
+    return Evaluation(torch.cat(probs).numpy(), labels_np, loss_sum / len(labels_np),
+                      end - start, images_per_s)
+
+
+@torch.inference_mode()
+def frozen_outputs(trunk: nn.Module, last: nn.Module,
+                   loader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(features, logits, labels)`` per batch: what the feature cache stores."""
+    trunk.eval()
+    last.eval()
+    for images, labels in loader:
+        features = trunk(images)  # (N, 3, H, W) -> (N, 4096)
+        yield features, last(features), labels  # logits: (N, 1000)
+
+
+@torch.inference_mode()
+def input_statistics(source, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and standard deviation of a source's inputs, in one pass."""
+    count, total, total_sq = 0, 0.0, 0.0
+    for inputs, _ in source.batches(batch_size):
+        inputs = inputs.double()
+        count += len(inputs)
+        total = total + inputs.sum(0)
+        total_sq = total_sq + (inputs * inputs).sum(0)
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0.0) * count / max(count - 1, 1)
+    return mean.float(), var.sqrt().float()
+
+
+def train_one_epoch(module: nn.Module, optimizer: torch.optim.Optimizer, source,
+                    batch_size: int, order: torch.Tensor, *, device: torch.device,
+                    autocast: bool = False, progress: bool = False) -> tuple[float, float]:
+    """One pass over ``source`` in ``order``; returns mean training loss and accuracy."""
+    module.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    batches = tqdm(source.batches(batch_size, order), total=-(-len(source) // batch_size),
+                   desc="train", disable=not progress, leave=False, unit="batch")
+    for inputs, targets in batches:
+        with _autocast(device, autocast):
+            logits = module(inputs)
+        loss = F.cross_entropy(logits.float(), targets)
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        # Accumulate on the device; one sync per epoch, not per step.
+        loss_sum += loss.detach() * len(targets)
+        correct += (logits.detach().argmax(1) == targets).sum()
+    n = len(source)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def fit(module: nn.Module, optimizer: torch.optim.Optimizer, train, val, *, epochs: int,
+        batch_size: int, seed: int, device: torch.device, autocast: bool = False,
+        progress: bool = False, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train ``module`` for ``epochs`` passes over ``train``, validating after each.
+
+    The batch order of each epoch is a permutation drawn from a generator seeded with ``seed``,
+    so a head trained from the cache and one trained by streaming see the same batches.
+
+    Returns:
+        One dict per epoch: train/val loss and accuracy, and wall seconds of each pass.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(train), generator=generator)
+
+        start = time.perf_counter()
+        train_loss, train_acc = train_one_epoch(module, optimizer, train, batch_size, order,
+                                                device=device, autocast=autocast,
+                                                progress=progress)
+        train_seconds = time.perf_counter() - start
+
+        val_eval = evaluate(module, val, batch_size, device=device, autocast=autocast)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            "val_loss": val_eval.loss,
+            "val_accuracy": val_eval.accuracy,
+            "train_seconds": train_seconds,
+            "val_seconds": val_eval.seconds,
+        }
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+    return history
