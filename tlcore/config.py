@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 __all__ = ["DataConfig", "TrainConfig", "CacheConfig", "RunConfig", "DEFAULTS"]
 
@@ -98,3 +98,16 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        """Rebuild a config saved by :meth:`to_dict` (unknown keys are ignored)."""
+        def build(kind, values):
+            names = {f.name for f in fields(kind)}
+            return kind(**{k: (tuple(v) if isinstance(v, list) else v)
+                           for k, v in values.items() if k in names})
+
+        top = {k: v for k, v in data.items() if k not in ("data", "train", "cache")}
+        return build(cls, {**top, "data": build(DataConfig, data.get("data", {})),
+                           "train": build(TrainConfig, data.get("train", {})),
+                           "cache": build(CacheConfig, data.get("cache", {}))})

@@ -44,7 +44,7 @@ from tlcore.models import (
 from tlcore.results import append_jsonl, append_result, create_run_dir, environment, write_json
 from tlcore.strategies import Strategy, resolve_variants
 
-__all__ = ["Session", "resolve_device", "prepare", "run_strategy", "run_variants"]
+__all__ = ["Session", "resolve_device", "prepare", "cached_source", "run_strategy", "run_variants"]
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,19 @@ def _with_progress(loader, total: int, desc: str, enabled: bool):
             bar.update(len(labels))
 
 
-def _cached_source(session: Session, split: Split, preprocess: Preprocess, head_input: str,
-                   progress: bool, timings: dict) -> TensorSource:
-    """The head's inputs for ``split`` from the feature cache, extracting them if missing."""
+def cached_source(session: Session, split: Split, preprocess: Preprocess, head_input: str,
+                  progress: bool = False, timings: dict | None = None) -> TensorSource:
+    """The head's inputs for ``split`` from the feature cache, extracting them if missing.
+
+    Args:
+        session: supplies weights, loader, device, batch size and the cache.
+        split: the images.
+        preprocess: the input pipeline settings the features are computed under.
+        head_input: ``features`` (N, 4096) or ``logits`` (N, 1000).
+        progress: show a progress bar with images/s while extracting.
+        timings: if given, ``extract_seconds`` is added to it when an extraction runs.
+    """
+    timings = {} if timings is None else timings
     key = CacheKey(
         weights=session.weights.identity, split=split.name, data_root=str(split.root),
         fingerprint=split.fingerprint(), preprocess=preprocess.to_dict(), loader=session.loader,
@@ -163,7 +173,7 @@ def _source(session: Session, strategy: Strategy, model: TransferModel | None, s
     preprocess = Preprocess(image_size, gray=strategy.gray,
                             resize_mode=session.config.data.resize_mode)
     if model is None:
-        return _cached_source(session, split, preprocess, strategy.head_input, progress, timings)
+        return cached_source(session, split, preprocess, strategy.head_input, progress, timings)
     transform = model.frozen if frozen_only or not strategy.trains_backbone else None
     return StreamSource(split, preprocess, session.device, session.loader, transform)
 
