@@ -9,9 +9,11 @@ with a smaller last batch where the split does not divide evenly.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from PIL import Image
@@ -35,6 +37,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("stretch", "crop")
 LOADERS = ("dali", "torchvision")
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 MIN_IMAGE_SIZE = 32  # VGG16 halves the image five times
 
 
@@ -49,6 +52,10 @@ class Preprocess:
             shorter side and takes the centre square.
         mean: per-channel mean, on the 0-1 scale.
         std: per-channel standard deviation, on the 0-1 scale.
+        contrast: scales each pixel's distance from the image's mean luminance (ITU-R 601
+            luma of the resized image, computed as torchvision's ``adjust_contrast`` does):
+            ``pixel' = mean + contrast * (pixel - mean)``, clipped to the 0-255 range. 1.0
+            leaves the image unchanged; below 1 lowers the contrast.
     """
 
     image_size: int
@@ -56,6 +63,7 @@ class Preprocess:
     resize_mode: str = "stretch"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    contrast: float = 1.0
 
     def __post_init__(self):
         if self.image_size < MIN_IMAGE_SIZE:
@@ -64,9 +72,17 @@ class Preprocess:
         if self.resize_mode not in RESIZE_MODES:
             raise TlcoreError(f"unknown resize mode {self.resize_mode!r}; "
                               f"choose one of: {', '.join(RESIZE_MODES)}")
+        if not (math.isfinite(self.contrast) and self.contrast > 0):
+            raise TlcoreError(f"contrast {self.contrast} is out of range; pass a factor above 0 "
+                              "(1.0 leaves images unchanged, 0.5 halves the contrast)")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as a dict (the feature cache's key); contrast only when it is not 1."""
+        values = asdict(self)
+        if self.contrast == 1.0:
+            # Unchanged images keep the cache entries written before contrast was a setting.
+            del values["contrast"]
+        return values
 
 
 def dali_available() -> bool:
@@ -138,6 +154,7 @@ class DaliLoader:
 
 def _dali_pipeline(*, files, labels, preprocess, on_gpu, batch_size, num_threads, device_id):
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dali_math
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id)
     def pipeline():
@@ -155,6 +172,18 @@ def _dali_pipeline(*, files, labels, preprocess, on_gpu, batch_size, num_threads
         else:
             images = fn.resize(images, resize_shorter=size, antialias=True)
             crop = {"crop": (size, size)}
+        if preprocess.contrast != 1.0:
+            # The mean luminance is that of the final square, so crop first.
+            if crop:
+                images, crop = fn.crop(images, **crop), {}
+            images = fn.cast(images, dtype=types.FLOAT)
+            if preprocess.gray:
+                center = fn.reductions.mean(images)
+            else:
+                means = fn.reductions.mean(images, axes=[0, 1])  # (H, W, 3) -> (3,)
+                center = LUMA[0] * means[0] + LUMA[1] * means[1] + LUMA[2] * means[2]
+            images = dali_math.clamp(center + preprocess.contrast * (images - center),
+                                     0.0, 255.0)
         if preprocess.gray:
             images = fn.cat(images, images, images, axis=2)
         images = fn.crop_mirror_normalize(
@@ -187,13 +216,18 @@ class TorchvisionLoader:
     def __init__(self, files: list[str], labels: list[int], preprocess: Preprocess,
                  batch_size: int, device: torch.device, num_workers: int):
         from torchvision import transforms as T
+        from torchvision.transforms import functional as TF
 
         size = preprocess.image_size
         if preprocess.resize_mode == "stretch":
             resize = [T.Resize((size, size), antialias=True)]
         else:
             resize = [T.Resize(size, antialias=True), T.CenterCrop(size)]
-        transform = T.Compose([*resize, T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std)])
+        contrast = []
+        if preprocess.contrast != 1.0:
+            contrast = [T.Lambda(partial(TF.adjust_contrast, contrast_factor=preprocess.contrast))]
+        transform = T.Compose([*resize, T.ToTensor(), *contrast,
+                               T.Normalize(preprocess.mean, preprocess.std)])
         self.device = device
         self.num_images = len(files)
         self._loader = torch.utils.data.DataLoader(
