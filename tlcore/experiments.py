@@ -55,6 +55,9 @@ __all__ = [
     "evaluate_run",
     "run_experiments",
     "read_experiments",
+    "STUDY_REFERENCE",
+    "latest_sweep",
+    "summary_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,15 @@ CONDITION_KINDS = ("base", "size", "color", "contrast")
 # follow the original study.
 DEFAULT_SIZES = {"builtin": (32, 48, 64, 96), "folder": (64, 128, 256, 512)}
 DEFAULT_CONTRASTS = (0.5, 0.25, 0.1)
+# The original study's published test accuracy (%), on colour and on grayscale test images:
+# VGG16 with ImageNet weights, 10 ImageNet classes, every layer trained end to end.
+STUDY_REFERENCE = {
+    "subset": {"test": 88.03, "gray": 74.92},
+    "gray": {"test": 95.63, "gray": 95.73},
+    "linear": {"test": 97.19, "gray": 94.28},
+    "general": {"test": 97.29, "gray": 95.21},
+    "scale": {"test": 97.50, "gray": 93.65},
+}
 EXPERIMENT_COLUMNS = (
     "sweep", "finished", "run_id", "strategy", "condition", "value", "image_size", "gray",
     "contrast", "accuracy", "mean_likelihood", "loss", "n_images", "chance", "classes", "data",
@@ -358,3 +370,52 @@ def read_experiments(out: str | os.PathLike):
         raise TlcoreError(f"{path} does not exist; run the experiments first "
                           f"(python -m tlcore.report --out {Path(out)} --run-experiments)")
     return pd.read_csv(path)
+
+
+def latest_sweep(experiments):
+    """Each strategy's rows from the latest sweep that evaluated it (one run per strategy)."""
+    experiments = experiments.copy()
+    experiments["order"] = range(len(experiments))
+    last = experiments.groupby("strategy", sort=False)["sweep"].transform("max")
+    latest = experiments[experiments["sweep"] == last]
+    # Within a sweep a strategy has one run; keep its last evaluation of each condition.
+    latest = latest.drop_duplicates(["strategy", "condition", "value"], keep="last")
+    return latest.sort_values("order").drop(columns="order").reset_index(drop=True)
+
+
+def _column(condition: str, value) -> str:
+    if condition == "base":
+        return "test"
+    if condition == "size":
+        return f"{int(float(value))} px"
+    if condition == "color":
+        return str(value)
+    return f"contrast {float(value):g}"
+
+
+def summary_table(experiments):
+    """Strategies x conditions: test accuracy in %, with chance level and the study's figures.
+
+    Args:
+        experiments: rows of ``experiments.csv`` (see :func:`read_experiments`).
+
+    Returns:
+        One row per strategy: ``strategy``, ``run_id``, one column per condition, ``chance``,
+        ``n_images``, and ``study test`` / ``study gray`` (the original study's figures, empty
+        where it has none).
+    """
+    import pandas as pd
+
+    latest = latest_sweep(experiments)
+    rows = []
+    for strategy, group in latest.groupby("strategy", sort=False):
+        row = {"strategy": strategy, "run_id": group["run_id"].iloc[-1]}
+        for _, r in group.iterrows():
+            row[_column(r["condition"], r["value"])] = 100.0 * r["accuracy"]
+        row["chance"] = 100.0 * group["chance"].iloc[0]
+        row["n_images"] = int(group["n_images"].iloc[0])
+        study = STUDY_REFERENCE.get(strategy, {})
+        row["study test"] = study.get("test", float("nan"))
+        row["study gray"] = study.get("gray", float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows)
