@@ -26,6 +26,10 @@ class DataConfig:
         loader: ``dali`` or ``torchvision``.
         image_size: pixels for training (all but ``scale``) and for every test evaluation.
         sizes: the training sizes of ``scale``, in order.
+        classes: ImageNet indices; when set, ``root`` is an ImageNet-layout folder and seeded
+            splits of these classes are drawn from it.
+        per_class: train, val and test images per class drawn for ``classes``.
+        split_seed: seeds that draw.
     """
 
     root: str | None = None
@@ -33,6 +37,9 @@ class DataConfig:
     loader: str = "dali"
     image_size: int = DEFAULTS["builtin"]["image_size"]
     sizes: tuple[int, ...] = DEFAULTS["builtin"]["sizes"]
+    classes: tuple[int, ...] | None = None
+    per_class: tuple[int, int, int] = (800, 200, 400)
+    split_seed: int = 0
 
 
 @dataclass(frozen=True)

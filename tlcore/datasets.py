@@ -24,6 +24,8 @@ __all__ = [
     "SPLITS",
     "IMAGE_EXTENSIONS",
     "Split",
+    "check_root",
+    "build_splits",
     "load_image_folder",
     "check_images",
     "builtin_dataset",
@@ -97,31 +99,26 @@ def _scan_split(root: Path, name: str) -> dict[str, list[str]]:
     return by_class
 
 
-def load_image_folder(root: str | os.PathLike, splits=SPLITS, check=True) -> dict[str, Split]:
-    """Read and check an image folder.
-
-    Args:
-        root: the dataset folder, holding one folder per split.
-        splits: which splits must be there.
-        check: open every image's header so that unreadable files are found now, not mid-run.
-
-    Returns:
-        One :class:`Split` per name in ``splits``, all with the same classes.
-
-    Raises:
-        TlcoreError: the layout is wrong; the message names the folder or file and the fix.
-    """
+def check_root(root: str | os.PathLike) -> Path:
+    """Resolve a data folder, or say in one line why it cannot be used."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise TlcoreError(f"data folder {root} does not exist or is not a folder; "
                           "pass --data ROOT with ROOT/{train,val,test}/<class>/<image>")
     if not os.access(root, os.R_OK | os.X_OK):
         raise TlcoreError(f"data folder {root} is not readable; check its permissions")
+    return root
 
-    scanned = {name: _scan_split(root, name) for name in splits}
-    reference_name = splits[0]
-    classes = tuple(scanned[reference_name])
-    for name, by_class in scanned.items():
+
+def build_splits(root: Path, files: dict[str, dict[str, list[str]]],
+                 check: bool = True) -> dict[str, Split]:
+    """Turn ``{split: {class: [relative paths]}}`` into checked :class:`Split` objects.
+
+    Every split must have the same classes, and every class at least one image in every split.
+    """
+    names = list(files)
+    reference, classes = names[0], tuple(sorted(files[names[0]]))
+    for name, by_class in files.items():
         if set(by_class) != set(classes):
             missing = sorted(set(classes) - set(by_class))
             extra = sorted(set(by_class) - set(classes))
@@ -129,10 +126,10 @@ def load_image_folder(root: str | os.PathLike, splits=SPLITS, check=True) -> dic
                 f"missing from {name}: {', '.join(missing)}" if missing else "",
                 f"only in {name}: {', '.join(extra)}" if extra else "",
             ) if part)
-            raise TlcoreError(f"splits {reference_name} and {name} of {root} have different "
+            raise TlcoreError(f"splits {reference} and {name} of {root} have different "
                               f"classes ({detail}); every split needs the same class folders")
-        empty = [c for c, files in by_class.items() if not files]
-        if len(empty) == len(by_class):
+        empty = [c for c in classes if not by_class[c]]
+        if len(empty) == len(classes):
             raise TlcoreError(f"split {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                               "add images to its class folders")
         if empty:
@@ -141,16 +138,47 @@ def load_image_folder(root: str | os.PathLike, splits=SPLITS, check=True) -> dic
                               "from every split")
 
     result = {}
-    for name, by_class in scanned.items():
-        files, labels = [], []
+    for name, by_class in files.items():
+        paths, labels = [], []
         for label, cls in enumerate(classes):
-            files += by_class[cls]
+            paths += by_class[cls]
             labels += [label] * len(by_class[cls])
-        result[name] = Split(name, root, classes, tuple(files), tuple(labels))
+        result[name] = Split(name, root, classes, tuple(paths), tuple(labels))
     if check:
         for split in result.values():
             check_images(split)
     return result
+
+
+def load_image_folder(root: str | os.PathLike, check: bool = True) -> dict[str, Split]:
+    """Read and check an image folder.
+
+    The folder holds ``train``, ``val`` and ``test``. A folder with only ``train`` and ``val``
+    (the Imagenette layout) uses ``val`` as the test split and holds out every fifth image of
+    each training class as the validation split.
+
+    Args:
+        root: the dataset folder, holding one folder per split.
+        check: open every image's header so that unreadable files are found now, not mid-run.
+
+    Returns:
+        ``train``, ``val`` and ``test`` :class:`Split` objects with the same classes.
+
+    Raises:
+        TlcoreError: the layout is wrong; the message names the folder or file and the fix.
+    """
+    root = check_root(root)
+    if not (root / "test").exists() and (root / "train").is_dir() and (root / "val").is_dir():
+        train, test = _scan_split(root, "train"), _scan_split(root, "val")
+        files = {
+            "train": {c: [f for i, f in enumerate(fs) if i % 5 != 4] for c, fs in train.items()},
+            "val": {c: fs[4::5] for c, fs in train.items()},
+            "test": test,
+        }
+        log.info("%s has train and val only: val is the test split, and every fifth training "
+                 "image per class is held out for validation", root)
+        return build_splits(root, files, check)
+    return build_splits(root, {name: _scan_split(root, name) for name in SPLITS}, check)
 
 
 def check_images(split: Split) -> None:

@@ -29,7 +29,7 @@ from tlcore.engine import (
     frozen_outputs,
     input_statistics,
 )
-from tlcore.imagenet import imagenet_indices
+from tlcore.imagenet import imagenet_indices, imagenet_splits
 from tlcore.inputs import Preprocess, create_loader, dali_available
 from tlcore.metrics import classification_metrics
 from tlcore.models import (
@@ -94,11 +94,17 @@ class Session:
 def prepare(config: RunConfig) -> Session:
     """Check the data and resolve weights, device, loader and cache for a run."""
     cache_dir = Path(config.cache.directory)
-    if config.data.root is None:
-        root, data_name = builtin_dataset(cache_dir), "builtin:digits"
+    data = config.data
+    if data.root is None:
+        if data.classes is not None:
+            raise TlcoreError("--classes needs --data pointing at an ImageNet-layout folder")
+        splits, data_name = load_image_folder(builtin_dataset(cache_dir)), "builtin:digits"
+    elif data.classes is not None:
+        splits = imagenet_splits(data.root, list(data.classes), data.per_class, data.split_seed)
+        data_name = (f"{Path(data.root).resolve()}:classes={','.join(map(str, data.classes))}"
+                     f":per_class={'/'.join(map(str, data.per_class))}:seed={data.split_seed}")
     else:
-        root, data_name = Path(config.data.root), str(Path(config.data.root).resolve())
-    splits = load_image_folder(root)
+        splits, data_name = load_image_folder(data.root), str(Path(data.root).resolve())
 
     loader = config.data.loader
     if loader == "dali" and not dali_available():

@@ -14,6 +14,7 @@ import warnings
 from tlcore import TlcoreError
 from tlcore.cache import DTYPES
 from tlcore.config import DEFAULTS, CacheConfig, DataConfig, RunConfig, TrainConfig
+from tlcore.imagenet import parse_classes
 from tlcore.inputs import LOADERS, RESIZE_MODES
 from tlcore.strategies import STRATEGIES
 
@@ -34,6 +35,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, metavar="ROOT",
                         help="image folder with ROOT/{train,val,test}/<class>/<image>; "
                              "default: the built-in digits dataset, written under --cache-dir")
+    parser.add_argument("--classes", default=None,
+                        help="with --data pointing at an ImageNet-layout folder (wnid folders): "
+                             "study (the original study's 10 labels) or a comma-separated list "
+                             "of ImageNet indices or wnids; seeded splits are drawn as file "
+                             "lists, nothing is copied")
+    parser.add_argument("--per-class", type=int, nargs=3, default=(800, 200, 400),
+                        metavar=("TRAIN", "VAL", "TEST"),
+                        help="images per class drawn for --classes (default: 800 200 400)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the --classes draw (default: 0)")
     parser.add_argument("--weights", default="auto",
                         help="imagenet, random, auto (imagenet if cached or downloadable, else "
                              "random with a warning) or a VGG16 state-dict path (default: auto)")
@@ -95,13 +106,19 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         if value is not None and value < (0 if "epochs" in name else 1):
             flag = "--" + name.replace("_", "-")
             raise TlcoreError(f"{flag} {value} is out of range; pass a positive number")
+    if any(n < 1 for n in args.per_class):
+        raise TlcoreError(f"--per-class {' '.join(map(str, args.per_class))} needs three "
+                          "positive counts (train, val, test)")
     if args.lr is not None and args.lr <= 0:
         raise TlcoreError(f"--lr {args.lr} must be positive")
+    classes = None if args.classes is None else tuple(parse_classes(args.classes))
     return RunConfig(
         variant=args.variant, weights=args.weights, device=args.device, out=args.out,
         data=DataConfig(root=args.data, resize_mode=args.resize, loader=args.loader,
                         image_size=pick(args.image_size, "image_size"),
-                        sizes=tuple(pick(args.sizes, "sizes"))),
+                        sizes=tuple(pick(args.sizes, "sizes")),
+                        classes=classes,
+                        per_class=tuple(args.per_class), split_seed=args.split_seed),
         train=TrainConfig(epochs=pick(args.epochs, "epochs"),
                           full_epochs=pick(args.full_epochs, "full_epochs"),
                           batch_size=args.batch_size, lr=pick(args.lr, "lr"), seed=args.seed,
