@@ -30,6 +30,8 @@ def test_runs_append_rows_and_leave_a_complete_run_folder(tiny_root, tmp_path, c
     first = _rows(out)
     assert len(first) == 1 and first[0]["variant"] == "general"
     assert "general   cache" in capsys.readouterr().out
+    cached_log = (out / first[0]["run_id"] / "log.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["frozen_pass_seconds"] > 0 for line in cached_log)
 
     assert main(["--variant", "linear", *args]) == 0
     rows = _rows(out)

@@ -37,11 +37,17 @@ log = logging.getLogger(__name__)
 
 
 class TensorSource:
-    """Batches sliced from tensors already in memory (features read from the cache)."""
+    """Batches sliced from tensors already in memory (features read from the cache).
 
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    ``frozen_pass_seconds``, when known, is what one pass of the same images through the
+    frozen network took: the cost of the epoch this source saves.
+    """
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 frozen_pass_seconds: float | None = None):
         self.inputs = inputs.to(device)
         self.labels = labels.long().to(device)
+        self.frozen_pass_seconds = frozen_pass_seconds
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -166,7 +166,7 @@ def cached_source(session: Session, split: Split, preprocess: Preprocess, head_i
     if entry.labels.tolist() != list(split.labels):
         raise RuntimeError(f"cache entry {path} disagrees with the split's labels")
     inputs = entry.features if head_input == "features" else entry.logits
-    return TensorSource(inputs, entry.labels, session.device)
+    return TensorSource(inputs, entry.labels, session.device, entry.extract_seconds)
 
 
 def _source(session: Session, strategy: Strategy, model: TransferModel | None, split: Split,
@@ -218,9 +218,13 @@ def _train(session: Session, strategy: Strategy, module: nn.Module, model, *,
         train, val = (_source(session, strategy, model, session.splits[name], size, progress,
                               timings) for name in ("train", "val"))
 
-        def on_epoch(row, size=size):
+        def on_epoch(row, size=size, train=train):
             row = {"epoch": len(history) + 1, "stage_epoch": row["epoch"], "image_size": size,
                    "source": source_kind, **{k: v for k, v in row.items() if k != "epoch"}}
+            if source_kind == "cache":
+                # Beside the cached epoch: the frozen pass over the same images that streaming
+                # would repeat every epoch, as timed when the cache entry was extracted.
+                row["frozen_pass_seconds"] = train.frozen_pass_seconds
             history.append(row)
             append_jsonl(run_dir / "log.jsonl", row)
             log.info("%s epoch %d (%dpx): train loss %.4f acc %.3f, val acc %.3f, %.2f s",

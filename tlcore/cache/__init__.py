@@ -93,13 +93,18 @@ class CacheKey:
 
 @dataclass
 class CacheEntry:
-    """The arrays of one cache entry, read into memory as float32 tensors."""
+    """The arrays of one cache entry, read into memory as float32 tensors.
+
+    ``extract_seconds`` is how long the extraction took: one pass of the split through the
+    frozen network, the least a streamed epoch costs.
+    """
 
     features: torch.Tensor | None
     logits: torch.Tensor | None
     labels: torch.Tensor
     paths: list[str]
     classes: list[str]
+    extract_seconds: float
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,7 @@ def read_entry(path: Path, arrays: Iterable[str] = ("features", "logits")) -> Ca
             labels=torch.from_numpy(f["labels"][...]),
             paths=[p.decode() if isinstance(p, bytes) else p for p in f["paths"][...]],
             classes=json.loads(f.attrs["classes"]),
+            extract_seconds=float(f.attrs["extract_seconds"]),
         )
 
 
