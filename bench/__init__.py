@@ -1,0 +1,1 @@
+"""tlcore's benchmarks: the asv suite (``asv_*.py``) and pytest-benchmark tests (``bench_*.py``)."""

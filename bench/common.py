@@ -1,0 +1,249 @@
+"""Seeded data, models and caches shared by the asv suite and the pytest-benchmark tests.
+
+Everything here is deterministic: the built-in digits dataset, a folder of photo-sized JPEG
+files drawn from a seeded generator, VGG16 with random weights (seed 0), and random feature
+arrays of the original study's size written as real cache entries. ``TLCORE_BENCH_SIZE``
+selects how big: ``small`` (the default, minutes on two CPU cores) or ``full``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tlcore.cache import CacheKey, FeatureCache, read_entry, write_entry
+from tlcore.config import DEFAULTS, CacheConfig, DataConfig, RunConfig, TrainConfig
+from tlcore.datasets import Split, builtin_dataset, load_image_folder
+from tlcore.engine import TensorSource, fit, input_statistics
+from tlcore.inputs import Preprocess
+from tlcore.models import FEATURE_DIM, IMAGENET_CLASSES, WeightsSpec, build_head, build_vgg16
+from tlcore.runs import Session, cached_source, prepare
+from tlcore.strategies import STRATEGIES, Strategy
+
+__all__ = [
+    "SEED",
+    "SIZE_VARIABLE",
+    "BenchSize",
+    "bench_size",
+    "RANDOM_WEIGHTS",
+    "DEVICE",
+    "HEAD_STRATEGIES",
+    "STUDY_ROWS",
+    "scratch_dir",
+    "random_vgg16",
+    "photo_folder",
+    "digits_config",
+    "digits_session",
+    "warm_digits_cache",
+    "head_stages",
+    "fresh_head",
+    "train_head",
+    "random_features",
+    "random_cache_entry",
+    "load_features",
+    "decode_all",
+]
+
+SIZE_VARIABLE = "TLCORE_BENCH_SIZE"
+RANDOM_WEIGHTS = WeightsSpec("random", "random:seed0", seed=0)
+DEVICE = torch.device("cpu")
+SEED = 0
+
+# Every strategy that trains a head on the frozen network's outputs (they can use the cache).
+HEAD_STRATEGIES = tuple(s.name for s in STRATEGIES.values() if s.trained and s.cacheable)
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    """How much work one benchmark does.
+
+    Attributes:
+        name: ``small`` or ``full``.
+        photos: JPEG files in the photo folder the loaders read.
+        photo_size: the loaders' output size in pixels.
+        extract_images: images per feature-extraction benchmark.
+        extract_sizes: image sizes extraction is timed at.
+        batch_size: images per batch for loaders, extraction and training.
+        study_rows: rows of the random train and val feature arrays.
+        study_epochs: epochs of ``general`` on the random feature arrays.
+        head_epochs: epochs of each head strategy on the built-in dataset.
+    """
+
+    name: str
+    photos: int
+    photo_size: int
+    extract_images: int
+    extract_sizes: tuple[int, ...]
+    batch_size: int
+    study_rows: tuple[int, int]
+    study_epochs: int
+    head_epochs: int
+
+
+# The study's feature cache: 5,279 training and 2,000 validation images.
+STUDY_ROWS = (5279, 2000)
+SIZES = {
+    "small": BenchSize("small", photos=64, photo_size=224, extract_images=64,
+                       extract_sizes=(32, 64), batch_size=32, study_rows=(528, 200),
+                       study_epochs=20, head_epochs=DEFAULTS["builtin"]["epochs"]),
+    "full": BenchSize("full", photos=1000, photo_size=256, extract_images=256,
+                      extract_sizes=DEFAULTS["folder"]["sizes"], batch_size=32,
+                      study_rows=STUDY_ROWS, study_epochs=200,
+                      head_epochs=DEFAULTS["builtin"]["epochs"]),
+}
+
+
+def bench_size() -> BenchSize:
+    """The size ``TLCORE_BENCH_SIZE`` selects (``small`` when it is unset)."""
+    name = os.environ.get(SIZE_VARIABLE, "small") or "small"
+    try:
+        return SIZES[name]
+    except KeyError:
+        raise ValueError(f"{SIZE_VARIABLE}={name!r} is not a benchmark size; "
+                         f"use one of: {', '.join(SIZES)}") from None
+
+
+def scratch_dir(prefix: str = "tlcore-bench-") -> Path:
+    """A fresh temporary folder (the caller removes it)."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def random_vgg16() -> torch.nn.Module:
+    """torchvision's VGG16 with seeded random weights, in eval mode on the CPU."""
+    return build_vgg16(RANDOM_WEIGHTS).to(DEVICE).eval()
+
+
+def photo_folder(root: str | os.PathLike, count: int, num_classes: int = 10) -> Split:
+    """Write ``count`` seeded 500x375 colour JPEG files under ``root/train``; return the split.
+
+    Each image is a smooth random colour field with fine noise, so that decoding and resizing
+    cost what they cost on photographs; each class has its own hue.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(SEED)
+    for i in range(count):
+        label = i % num_classes
+        folder = root / "train" / f"class{label:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = rng.uniform(0, 255, size=(6, 8, 3))
+        coarse[..., label % 3] = 255 * (label + 1) / (num_classes + 1)
+        field = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((500, 375),
+                                                                          Image.BICUBIC))
+        noise = rng.normal(0, 12, size=field.shape)
+        pixels = np.clip(field + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
+    return load_image_folder(root, splits=("train",))["train"]
+
+
+def digits_config(workdir: str | os.PathLike, variant: str = "all") -> RunConfig:
+    """The train CLI's defaults on the built-in dataset, with random weights and the cache on."""
+    workdir = Path(workdir)
+    return RunConfig(
+        variant=variant, weights="random", device="cpu", out=str(workdir / "runs"),
+        data=DataConfig(), train=TrainConfig(seed=SEED),
+        cache=CacheConfig(enabled=True, directory=str(workdir / "cache")),
+    )
+
+
+def digits_session(workdir: str | os.PathLike) -> Session:
+    """A run session on the built-in dataset under ``workdir`` (written there on first use)."""
+    builtin_dataset(Path(workdir) / "cache")
+    return prepare(digits_config(workdir))
+
+
+def _preprocess(session: Session, strategy: Strategy, size: int) -> Preprocess:
+    return Preprocess(size, gray=strategy.gray, resize_mode=session.config.data.resize_mode)
+
+
+def _sizes(session: Session, strategy: Strategy) -> tuple[int, ...]:
+    data = session.config.data
+    return data.sizes if strategy.multi_size else (data.image_size,)
+
+
+def warm_digits_cache(session: Session) -> None:
+    """Extract every cache entry the head strategies read, so that later reads only load."""
+    for name in HEAD_STRATEGIES:
+        strategy = STRATEGIES[name]
+        for size in {*_sizes(session, strategy), session.config.data.image_size}:
+            for split in session.splits.values():
+                cached_source(session, split, _preprocess(session, strategy, size), "features")
+
+
+def head_stages(session: Session, strategy: Strategy,
+                ) -> list[tuple[TensorSource, TensorSource]]:
+    """The (train, val) sources of each training stage of a head strategy, from the cache."""
+    return [tuple(cached_source(session, session.splits[name], _preprocess(session, strategy, size),
+                                strategy.head_input) for name in ("train", "val"))
+            for size in _sizes(session, strategy)]
+
+
+def fresh_head(session: Session, strategy: Strategy,
+               stages: list[tuple[TensorSource, TensorSource]]) -> torch.nn.Module:
+    """A seeded head, standardised on the pooled training inputs when the config asks."""
+    cfg = session.config.train
+    stats = None
+    if cfg.standardize:
+        per_size = [input_statistics(train, cfg.batch_size) for train, _ in stages]
+        mean = torch.stack([m for m, _ in per_size]).mean(0)
+        second = torch.stack([s * s + m * m for m, s in per_size]).mean(0)
+        stats = (mean, (second - mean * mean).clamp_min(0).sqrt())
+    torch.manual_seed(cfg.seed)
+    return build_head(strategy, len(session.classes), session.imagenet_indices, stats)
+
+
+def train_head(head: torch.nn.Module, stages, *, epochs: int, lr: float,
+               batch_size: int = 32, momentum: float = 0.9) -> list[dict]:
+    """Train ``head`` with SGD for ``epochs`` per stage, as the train CLI does; return history."""
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
+    history = []
+    for stage, (train, val) in enumerate(stages):
+        history += fit(head, optimizer, train, val, epochs=epochs, batch_size=batch_size,
+                       seed=SEED + stage, device=DEVICE)
+    return history
+
+
+def random_features(rows: int, num_classes: int = 10, seed: int = SEED):
+    """Seeded ``(features, logits, labels)`` shaped like a cache entry of ``rows`` images."""
+    generator = torch.Generator().manual_seed(seed)
+    # Penultimate VGG16 activations are post-ReLU: non-negative, many exact zeros.
+    features = torch.randn(rows, FEATURE_DIM, generator=generator).clamp_min(0)
+    logits = torch.randn(rows, IMAGENET_CLASSES, generator=generator)
+    labels = torch.randint(0, num_classes, (rows,), generator=generator)
+    return features, logits, labels
+
+
+def random_cache_entry(directory: str | os.PathLike, split: str, rows: int,
+                       batch_size: int = 256, seed: int = SEED) -> Path:
+    """Write random arrays of ``rows`` images as a sound cache entry; return its path."""
+    features, logits, labels = random_features(rows, seed=seed)
+    key = CacheKey(weights=RANDOM_WEIGHTS.identity, split=split, data_root="random",
+                   fingerprint=f"random-{rows}-{seed}", preprocess=Preprocess(32).to_dict(),
+                   loader="none")
+
+    def extract(path):
+        batches = ((features[i:i + batch_size], logits[i:i + batch_size],
+                    labels[i:i + batch_size]) for i in range(0, rows, batch_size))
+        return write_entry(path, key, batches, num_images=rows,
+                           paths=[f"{split}/{i:05d}" for i in range(rows)],
+                           classes=[str(c) for c in range(10)])
+
+    path, _ = FeatureCache(directory).get_or_create(key, extract)
+    return path
+
+
+def load_features(path: Path) -> TensorSource:
+    """A cache entry's features as a training source."""
+    entry = read_entry(path, arrays=["features"])
+    return TensorSource(entry.features, entry.labels, DEVICE)
+
+
+def decode_all(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every batch of a loader, concatenated: images (N, 3, H, W) and labels (N,)."""
+    images, labels = zip(*((x.clone(), y.clone()) for x, y in loader), strict=True)
+    return torch.cat(images), torch.cat(labels)
