@@ -1,0 +1,82 @@
+"""Timing tests of feature extraction: images -> frozen VGG16 -> cache entry, at each size.
+
+Extraction is compared with the bare forward pass of the same network over the same images
+already decoded into tensors, batch for batch: the input pipeline and the cache writes should
+cost little beside the network.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from bench.common import RANDOM_WEIGHTS, bench_size, decode_all
+from tlcore.cache import CacheKey, read_entry, verify_entry, write_entry
+from tlcore.datasets import Split
+from tlcore.engine import frozen_outputs
+from tlcore.inputs import Preprocess, create_loader
+from tlcore.models import split_vgg16
+
+ROUNDS = 3
+MIN_SPEED_VS_FORWARD = 0.9
+
+
+def _first(split: Split, count: int) -> Split:
+    return Split(split.name, split.root, split.classes, split.files[:count], split.labels[:count])
+
+
+@torch.inference_mode()
+def _forward(trunk, last, batches) -> None:
+    for images, _ in batches:
+        last(trunk(images))  # (N, 3, H, W) -> (N, 4096) -> (N, 1000)
+
+
+def _extract(split, preprocess, batch_size, trunk, last, key, path):
+    loader = create_loader(split, preprocess, batch_size, backend="dali")
+    return write_entry(path, key, frozen_outputs(trunk, last, loader), num_images=len(split),
+                       paths=list(split.files), classes=list(split.classes))
+
+
+@pytest.mark.parametrize("image_size", bench_size().extract_sizes)
+def test_extraction(benchmark, tmp_path, photos, size, vgg, image_size):
+    split = _first(photos, size.extract_images)
+    preprocess = Preprocess(image_size)
+    trunk, last = split_vgg16(vgg)
+    key = CacheKey(weights=RANDOM_WEIGHTS.identity, split=split.name, data_root=str(split.root),
+                   fingerprint=split.fingerprint(), preprocess=preprocess.to_dict(), loader="dali")
+
+    # The bare forward pass: the same images, decoded beforehand, in the same batches.
+    images, labels = decode_all(create_loader(split, preprocess, size.batch_size))
+    batches = list(zip(images.split(size.batch_size), labels.split(size.batch_size), strict=True))
+    forward_seconds = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        _forward(trunk, last, batches)
+        forward_seconds.append(time.perf_counter() - start)
+    with torch.inference_mode():
+        expected = torch.cat([trunk(x) for x, _ in batches])
+
+    paths = iter(tmp_path / f"entry-{i}.h5" for i in range(ROUNDS))
+    info = benchmark.pedantic(
+        _extract, setup=lambda: ((split, preprocess, size.batch_size, trunk, last, key,
+                                  next(paths)), {}),
+        rounds=ROUNDS, iterations=1)
+
+    path = tmp_path / f"entry-{ROUNDS - 1}.h5"
+    entry = read_entry(path)
+    speed = min(forward_seconds) / benchmark.stats.stats.min
+    benchmark.extra_info.update({
+        "images": len(split), "image_size": image_size,
+        "images_per_s": len(split) / benchmark.stats.stats.min,
+        "forward_images_per_s": len(split) / min(forward_seconds),
+        "speed_vs_forward": speed, "bytes_per_image": path.stat().st_size / len(split),
+    })
+    assert verify_entry(path, key) is None
+    assert info["images_per_s"] > 0
+    assert entry.labels.tolist() == list(split.labels)
+    torch.testing.assert_close(entry.features, expected, rtol=1e-4, atol=1e-5)
+    assert speed >= MIN_SPEED_VS_FORWARD, (
+        f"extraction runs at {speed:.2f}x the bare forward pass; at least "
+        f"{MIN_SPEED_VS_FORWARD}x expected")

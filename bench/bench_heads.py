@@ -1,0 +1,120 @@
+"""Timing tests of training: every strategy on the built-in dataset, and the cache's speed-ups.
+
+Every trained strategy must reach at least three times chance on the built-in digits with random
+VGG16 weights (random features keep enough of the digits' layout for a linear head to read).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+from bench.common import (
+    DEVICE,
+    SEED,
+    fresh_head,
+    head_stages,
+    load_features,
+    train_head,
+)
+from tlcore.config import DEFAULTS
+from tlcore.engine import StreamSource, train_one_epoch
+from tlcore.inputs import Preprocess
+from tlcore.models import TransferModel
+from tlcore.runs import run_strategy
+from tlcore.strategies import STRATEGIES
+
+MIN_ACCURACY_VS_CHANCE = 3.0
+MIN_CACHE_SPEEDUP = 500.0
+STUDY_EPOCHS = 200
+MAX_STUDY_SECONDS = 10.0
+CACHED_EPOCH_ROUNDS = 20
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_strategy_run(benchmark, digits, name):
+    strategy = STRATEGIES[name]
+    if strategy.needs_imagenet_classes and digits.imagenet_indices is None:
+        pytest.skip(f"{name} reads the ImageNet logits of the classes; the built-in digits are "
+                    "not ImageNet classes")
+
+    row = benchmark.pedantic(run_strategy, (digits, strategy), rounds=1, iterations=1)
+
+    chance = 1.0 / len(digits.classes)
+    benchmark.extra_info.update({k: row[k] for k in (
+        "source", "epochs", "test_accuracy", "test_macro_f1", "test_mean_likelihood",
+        "train_seconds", "epoch_seconds")})
+    assert row["variant"] == name
+    assert row["source"] == ("stream" if strategy.trains_backbone else "cache")
+    assert row["epochs"] == (digits.config.train.full_epochs if strategy.trains_backbone
+                             else digits.config.train.epochs * (3 if strategy.multi_size else 1))
+    assert row["test_accuracy"] >= MIN_ACCURACY_VS_CHANCE * chance
+    assert row["test_mean_likelihood"] > chance
+    assert row["test_macro_f1"] > chance
+
+
+def test_cached_vs_streamed_epoch(benchmark, digits):
+    """One epoch of ``general`` from the cache against the same epoch streamed from the images."""
+    strategy = STRATEGIES["general"]
+    cfg = digits.config.train
+    split = digits.splits["train"]
+    ((train, _),) = head_stages(digits, strategy)
+    head = fresh_head(digits, strategy, [(train, None)])
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(SEED))
+
+    def fresh_args(source):
+        """A copy of the same starting head and a new optimizer: every epoch is the first."""
+        module = copy.deepcopy(head)
+        optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        return (module, optimizer, source, cfg.batch_size, order), {"device": DEVICE}
+
+    # The streamed epoch: every image decoded and passed through the frozen network.
+    model = TransferModel(digits.vgg(), strategy, copy.deepcopy(head))
+    data = digits.config.data
+    preprocess = Preprocess(data.image_size, resize_mode=data.resize_mode)
+    stream = StreamSource(split, preprocess, DEVICE, digits.loader, transform=model.frozen)
+    args, kwargs = fresh_args(stream)
+    start = time.perf_counter()
+    stream_loss, stream_accuracy = train_one_epoch(*args, **kwargs)
+    stream_seconds = time.perf_counter() - start
+
+    cached_loss, cached_accuracy = benchmark.pedantic(
+        train_one_epoch, setup=lambda: fresh_args(train), rounds=CACHED_EPOCH_ROUNDS,
+        iterations=1, warmup_rounds=1)
+
+    speedup = stream_seconds / benchmark.stats.stats.median
+    benchmark.extra_info.update({"stream_seconds": stream_seconds, "speedup": speedup})
+    # Same head, same batches, same features: the same training step, however they arrive.
+    assert cached_loss == pytest.approx(stream_loss, rel=1e-4)
+    assert cached_accuracy == pytest.approx(stream_accuracy, abs=1.5 / len(split))
+    assert speedup >= MIN_CACHE_SPEEDUP, (
+        f"a cached epoch is {speedup:.0f}x faster than a streamed one; at least "
+        f"{MIN_CACHE_SPEEDUP:.0f}x expected")
+
+
+def test_study_general_epochs(benchmark, study_entries):
+    """200 epochs of ``general`` on a cache of the study's size, with the study's settings."""
+    study = DEFAULTS["folder"]
+    train_path, val_path = study_entries
+
+    def read_and_train():
+        start = time.perf_counter()
+        stages = [(load_features(train_path), load_features(val_path))]
+        torch.manual_seed(SEED)
+        head = torch.nn.Linear(stages[0][0].inputs.shape[1], 10)
+        history = train_head(head, stages, epochs=STUDY_EPOCHS, lr=study["lr"])
+        return history, time.perf_counter() - start
+
+    history, seconds = benchmark.pedantic(read_and_train, rounds=1, iterations=1)
+
+    epoch_seconds = sum(r["train_seconds"] for r in history) / len(history)
+    benchmark.extra_info.update({"seconds": seconds, "train_epoch_seconds": epoch_seconds,
+                                 "val_epoch_seconds": seconds / len(history) - epoch_seconds})
+    assert len(history) == STUDY_EPOCHS
+    # Random labels: nothing to generalise, but the head must still fit its training rows.
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert seconds <= MAX_STUDY_SECONDS, (
+        f"{STUDY_EPOCHS} epochs took {seconds:.1f} s; at most {MAX_STUDY_SECONDS:.0f} s expected")
