@@ -40,6 +40,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "path (default: auto)")
     parser.add_argument("--seed", type=int, default=0,
                         help="with --train-all: random seed (default: 0)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="with --train-all: epochs for head strategies (default: "
+                             "tlcore.train's)")
+    parser.add_argument("--full-epochs", type=int, default=None,
+                        help="with --train-all: epochs for full (default: tlcore.train's)")
+    parser.add_argument("--train-sizes", type=int, nargs="+", default=None,
+                        help="with --train-all: training sizes of scale (default: "
+                             "tlcore.train's)")
     parser.add_argument("--run-experiments", action="store_true",
                         help="evaluate the runs under every condition and append the rows to "
                              "OUT/experiments.csv before writing the report")
@@ -71,8 +79,12 @@ def train_all(args: argparse.Namespace) -> None:
     argv = ["--variant", "all", "--use-cache", "--out", args.out, "--weights", args.weights,
             "--device", args.device, "--seed", str(args.seed),
             "--cache-dir", args.cache_dir or "cache"]
-    if args.data is not None:
-        argv += ["--data", args.data]
+    for flag, value in (("--data", args.data), ("--epochs", args.epochs),
+                        ("--full-epochs", args.full_epochs)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.train_sizes:
+        argv += ["--sizes", *map(str, args.train_sizes)]
     config = train.build_config(train.get_args_parser().parse_args(argv))
     rows = run_variants(config, progress=not args.quiet)
     print(train.format_table(rows))
@@ -86,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.captureWarnings(True)
     warnings.filterwarnings("ignore", module="nvidia")
 
-    from tlcore.experiments import run_experiments
+    from tlcore.experiments import build_conditions, run_experiments
     from tlcore.plots import write_report
 
     start = time.perf_counter()
     try:
+        build_conditions(args.sizes or (), args.contrasts)  # bad values fail before any work
         if args.train_all:
             train_all(args)
         if args.train_all or args.run_experiments:
