@@ -9,7 +9,6 @@ selects how big: ``small`` (the default, minutes on two CPU cores) or ``full``.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from PIL import Image
 
 from tlcore.cache import CacheKey, FeatureCache, read_entry, write_entry
 from tlcore.config import DEFAULTS, CacheConfig, DataConfig, RunConfig, TrainConfig
-from tlcore.datasets import Split, builtin_dataset, load_image_folder
+from tlcore.datasets import Split, builtin_dataset
 from tlcore.engine import TensorSource, fit, input_statistics
 from tlcore.inputs import Preprocess
 from tlcore.models import FEATURE_DIM, IMAGENET_CLASSES, WeightsSpec, build_head, build_vgg16
@@ -35,9 +34,9 @@ __all__ = [
     "DEVICE",
     "HEAD_STRATEGIES",
     "STUDY_ROWS",
-    "scratch_dir",
     "random_vgg16",
     "photo_folder",
+    "photo_split",
     "digits_config",
     "digits_session",
     "warm_digits_cache",
@@ -109,11 +108,6 @@ def bench_size() -> BenchSize:
                          f"use one of: {', '.join(SIZES)}") from None
 
 
-def scratch_dir(prefix: str = "tlcore-bench-") -> Path:
-    """A fresh temporary folder (the caller removes it)."""
-    return Path(tempfile.mkdtemp(prefix=prefix))
-
-
 def random_vgg16() -> torch.nn.Module:
     """torchvision's VGG16 with seeded random weights, in eval mode on the CPU."""
     return build_vgg16(RANDOM_WEIGHTS).to(DEVICE).eval()
@@ -138,7 +132,19 @@ def photo_folder(root: str | os.PathLike, count: int, num_classes: int = 10) -> 
         noise = rng.normal(0, 12, size=field.shape)
         pixels = np.clip(field + noise, 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
-    return load_image_folder(root, splits=("train",))["train"]
+    return photo_split(root)
+
+
+def photo_split(root: str | os.PathLike) -> Split:
+    """The ``train`` split of a folder written by :func:`photo_folder`."""
+    root = Path(root).resolve()
+    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / "train" / name).glob("*.jpg")):
+            files.append(path.relative_to(root).as_posix())
+            labels.append(label)
+    return Split("train", root, classes, tuple(files), tuple(labels))
 
 
 def digits_config(workdir: str | os.PathLike, variant: str = "all") -> RunConfig:
@@ -198,13 +204,13 @@ def fresh_head(session: Session, strategy: Strategy,
 
 
 def train_head(head: torch.nn.Module, stages, *, epochs: int, lr: float,
-               batch_size: int = 32, momentum: float = 0.9) -> list[dict]:
+               batch_size: int = 32, momentum: float = 0.9, on_epoch=None) -> list[dict]:
     """Train ``head`` with SGD for ``epochs`` per stage, as the train CLI does; return history."""
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
     history = []
     for stage, (train, val) in enumerate(stages):
         history += fit(head, optimizer, train, val, epochs=epochs, batch_size=batch_size,
-                       seed=SEED + stage, device=DEVICE)
+                       seed=SEED + stage, device=DEVICE, on_epoch=on_epoch)
     return history
 
 
