@@ -1,0 +1,42 @@
+"""asv: test accuracy, macro F1 and mean likelihood of every strategy on the built-in dataset."""
+
+from __future__ import annotations
+
+import os
+
+from bench.common import digits_config
+from tlcore.runs import run_variants
+from tlcore.strategies import STRATEGIES
+
+METRICS = ("test_accuracy", "test_macro_f1", "test_mean_likelihood")
+
+
+class Accuracy:
+    """Every strategy that applies, run once as ``python -m tlcore.train --variant all`` would."""
+
+    params = list(STRATEGIES)
+    param_names = ["strategy"]
+    timeout = 900
+
+    def setup_cache(self):
+        rows = run_variants(digits_config(os.path.abspath("accuracy"), variant="all"))
+        return {row["variant"]: {k: row[k] for k in METRICS} for row in rows}
+
+    def setup(self, results, name):
+        # subset reads the ImageNet logits of the classes, so it needs class folders named by
+        # ImageNet wnid; the built-in digits are not ImageNet classes and the run skips it.
+        if name not in results:
+            raise NotImplementedError(f"{name} does not apply to the built-in dataset")
+
+    def track_test_accuracy(self, results, name):
+        return results[name]["test_accuracy"]
+
+    def track_macro_f1(self, results, name):
+        return results[name]["test_macro_f1"]
+
+    def track_mean_likelihood(self, results, name):
+        return results[name]["test_mean_likelihood"]
+
+    track_test_accuracy.unit = "fraction"
+    track_macro_f1.unit = "F1"
+    track_mean_likelihood.unit = "probability"

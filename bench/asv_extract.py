@@ -1,0 +1,85 @@
+"""asv: feature extraction (images -> frozen VGG16 -> cache entry) at each image size."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from bench.asv_inputs import _PhotoFolder
+from bench.common import RANDOM_WEIGHTS, bench_size, decode_all, photo_split, random_vgg16
+from tlcore.cache import CacheKey, write_entry
+from tlcore.datasets import Split
+from tlcore.engine import frozen_outputs
+from tlcore.inputs import Preprocess, create_loader
+from tlcore.models import split_vgg16
+
+
+class Extraction(_PhotoFolder):
+    """Extraction of the photo folder's first images, beside the bare forward pass."""
+
+    params = list(bench_size().extract_sizes)
+    param_names = ["image_size"]
+    timeout = 900
+    number = 1
+    repeat = (1, 3, 60.0)
+
+    def setup(self, root, image_size):
+        size = bench_size()
+        photos = photo_split(root)
+        count = size.extract_images
+        self.split = Split(photos.name, photos.root, photos.classes, photos.files[:count],
+                           photos.labels[:count])
+        self.preprocess = Preprocess(image_size)
+        self.batch_size = size.batch_size
+        self.trunk, self.last = split_vgg16(random_vgg16())
+        self.key = CacheKey(weights=RANDOM_WEIGHTS.identity, split="train", data_root=root,
+                            fingerprint=self.split.fingerprint(),
+                            preprocess=self.preprocess.to_dict(), loader="dali")
+        self.path = f"extract-{image_size}px.h5"
+        images, labels = decode_all(create_loader(self.split, self.preprocess, self.batch_size))
+        self.batches = list(zip(images.split(self.batch_size), labels.split(self.batch_size),
+                                strict=True))
+
+    def teardown(self, root, image_size):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+    def _extract(self):
+        loader = create_loader(self.split, self.preprocess, self.batch_size, backend="dali")
+        return write_entry(self.path, self.key, frozen_outputs(self.trunk, self.last, loader),
+                           num_images=len(self.split), paths=list(self.split.files),
+                           classes=list(self.split.classes))
+
+    @torch.inference_mode()
+    def _forward(self):
+        for images, _ in self.batches:
+            self.last(self.trunk(images))  # (N, 3, H, W) -> (N, 4096) -> (N, 1000)
+
+    def time_extract(self, root, image_size):
+        self._extract()
+
+    def time_forward(self, root, image_size):
+        self._forward()
+
+    def peakmem_setup_only(self, root, image_size):
+        pass
+
+    def peakmem_extract(self, root, image_size):
+        self._extract()
+
+    def track_images_per_s(self, root, image_size):
+        return len(self.split) / self._extract()["seconds"]
+
+    track_images_per_s.unit = "images/s"
+
+    def track_speed_vs_forward(self, root, image_size):
+        start = time.perf_counter()
+        self._forward()
+        forward_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        self._extract()
+        return forward_seconds / (time.perf_counter() - start)
+
+    track_speed_vs_forward.unit = "ratio"
