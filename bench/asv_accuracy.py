@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from bench.common import digits_config
+from bench.common import SEED, bench_size, digits_config
+from tlcore.config import TrainConfig
 from tlcore.runs import run_variants
 from tlcore.strategies import STRATEGIES
 
@@ -12,14 +13,19 @@ METRICS = ("test_accuracy", "test_macro_f1", "test_mean_likelihood")
 
 
 class Accuracy:
-    """Every strategy that applies, run once as ``python -m tlcore.train --variant all`` would."""
+    """Every strategy that applies, run once as ``python -m tlcore.train --variant all`` would.
+
+    The small and full sizes train for the train CLI's default epochs; tiny only for a few.
+    """
 
     params = list(STRATEGIES)
     param_names = ["strategy"]
     timeout = 900
 
     def setup_cache(self):
-        rows = run_variants(digits_config(os.path.abspath("accuracy"), variant="all"))
+        size = bench_size()
+        train = TrainConfig(epochs=size.head_epochs, full_epochs=size.full_epochs, seed=SEED)
+        rows = run_variants(digits_config(os.path.abspath("accuracy"), "all", train))
         return {row["variant"]: {k: row[k] for k in METRICS} for row in rows}
 
     def setup(self, results, name):

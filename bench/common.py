@@ -3,7 +3,8 @@
 Everything here is deterministic: the built-in digits dataset, a folder of photo-sized JPEG
 files drawn from a seeded generator, VGG16 with random weights (seed 0), and random feature
 arrays of the original study's size written as real cache entries. ``TLCORE_BENCH_SIZE``
-selects how big: ``small`` (the default, minutes on two CPU cores) or ``full``.
+selects how big: ``tiny`` (a smoke test for CI), ``small`` (the default, minutes on two CPU
+cores) or ``full``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class BenchSize:
     """How much work one benchmark does.
 
     Attributes:
-        name: ``small`` or ``full``.
+        name: ``tiny``, ``small`` or ``full``.
         photos: JPEG files in the photo folder the loaders read.
         photo_size: the loaders' output size in pixels.
         extract_images: images per feature-extraction benchmark.
@@ -71,7 +72,8 @@ class BenchSize:
         batch_size: images per batch for loaders, extraction and training.
         study_rows: rows of the random train and val feature arrays.
         study_epochs: epochs of ``general`` on the random feature arrays.
-        head_epochs: epochs of each head strategy on the built-in dataset.
+        head_epochs: epochs of each head strategy on the built-in dataset (asv).
+        full_epochs: epochs of ``full`` on the built-in dataset (asv).
     """
 
     name: str
@@ -83,18 +85,24 @@ class BenchSize:
     study_rows: tuple[int, int]
     study_epochs: int
     head_epochs: int
+    full_epochs: int
 
 
 # The study's feature cache: 5,279 training and 2,000 validation images.
 STUDY_ROWS = (5279, 2000)
 SIZES = {
+    "tiny": BenchSize("tiny", photos=16, photo_size=64, extract_images=16, extract_sizes=(32,),
+                      batch_size=8, study_rows=(264, 100), study_epochs=2, head_epochs=2,
+                      full_epochs=1),
     "small": BenchSize("small", photos=64, photo_size=224, extract_images=64,
                        extract_sizes=(32, 64), batch_size=32, study_rows=(528, 200),
-                       study_epochs=20, head_epochs=DEFAULTS["builtin"]["epochs"]),
+                       study_epochs=20, head_epochs=DEFAULTS["builtin"]["epochs"],
+                       full_epochs=DEFAULTS["builtin"]["full_epochs"]),
     "full": BenchSize("full", photos=1000, photo_size=256, extract_images=256,
                       extract_sizes=DEFAULTS["folder"]["sizes"], batch_size=32,
                       study_rows=STUDY_ROWS, study_epochs=200,
-                      head_epochs=DEFAULTS["builtin"]["epochs"]),
+                      head_epochs=DEFAULTS["builtin"]["epochs"],
+                      full_epochs=DEFAULTS["builtin"]["full_epochs"]),
 }
 
 
@@ -147,12 +155,13 @@ def photo_split(root: str | os.PathLike) -> Split:
     return Split("train", root, classes, tuple(files), tuple(labels))
 
 
-def digits_config(workdir: str | os.PathLike, variant: str = "all") -> RunConfig:
+def digits_config(workdir: str | os.PathLike, variant: str = "all",
+                  train: TrainConfig | None = None) -> RunConfig:
     """The train CLI's defaults on the built-in dataset, with random weights and the cache on."""
     workdir = Path(workdir)
     return RunConfig(
         variant=variant, weights="random", device="cpu", out=str(workdir / "runs"),
-        data=DataConfig(), train=TrainConfig(seed=SEED),
+        data=DataConfig(), train=train or TrainConfig(seed=SEED),
         cache=CacheConfig(enabled=True, directory=str(workdir / "cache")),
     )
 
