@@ -24,6 +24,7 @@ from tlcore.inputs import Preprocess, create_loader
 
 __all__ = [
     "TensorSource",
+    "LinearHeadSGD",
     "StreamSource",
     "Evaluation",
     "frozen_outputs",
@@ -42,6 +43,8 @@ class TensorSource:
     ``frozen_pass_seconds``, when known, is what one pass of the same images through the
     frozen network took: the cost of the epoch this source saves.
     """
+
+    eval_batch_size = 4096  # evaluation results do not depend on it; bigger is faster
 
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device,
                  frozen_pass_seconds: float | None = None):
@@ -73,6 +76,8 @@ class StreamSource:
         backend: ``dali`` or ``torchvision``.
         transform: applied to each image batch under ``torch.no_grad``, or ``None``.
     """
+
+    eval_batch_size = None  # the training batch size: images are the memory that counts
 
     def __init__(self, split: Split, preprocess: Preprocess, device: torch.device,
                  backend: str = "dali", transform: Callable | None = None):
@@ -117,7 +122,11 @@ class Evaluation:
 @torch.inference_mode()
 def evaluate(module: nn.Module, source, batch_size: int, *, device: torch.device,
              autocast: bool = False, progress: bool = False, desc: str = "eval") -> Evaluation:
-    """Run ``module`` once over every batch of ``source`` in eval mode."""
+    """Run ``module`` once over every batch of ``source`` in eval mode.
+
+    ``batch_size`` applies unless the source sets a larger ``eval_batch_size`` of its own.
+    """
+    batch_size = source.eval_batch_size or batch_size
     module.eval()
     probs, labels, loss_sum = [], [], 0.0
     start = time.perf_counter()
@@ -170,11 +179,107 @@ def input_statistics(source, batch_size: int) -> tuple[torch.Tensor, torch.Tenso
     return mean.float(), var.sqrt().float()
 
 
+def _linear_layer(module: nn.Module) -> tuple[nn.Module | None, nn.Linear] | None:
+    """``(standardize, layer)`` when ``module`` is a linear head, else ``None``."""
+    if isinstance(module, nn.Linear):
+        return None, module
+    if (isinstance(module, nn.Sequential) and len(module) == 2
+            and isinstance(module[1], nn.Linear) and not list(module[0].parameters())):
+        return module[0], module[1]
+    return None
+
+
+def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    return type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 1 and all(
+        g["weight_decay"] == 0 and not g["nesterov"] and g["dampening"] == 0
+        and not g["maximize"] for g in optimizer.param_groups)
+
+
+class LinearHeadSGD:
+    """Epochs of a linear softmax head on in-memory inputs, with closed-form gradients.
+
+    The same arithmetic as autograd, cross-entropy and ``torch.optim.SGD`` with momentum,
+    without their per-step overhead: the inputs are standardised once and given a column of ones
+    (so weight and bias are one matrix), and each step is two small matrix products. Weights and
+    momentum buffers are written back to the layer and the optimizer after every epoch.
+    """
+
+    @classmethod
+    def create(cls, module: nn.Module, optimizer: torch.optim.Optimizer,
+               source) -> LinearHeadSGD | None:
+        """A trainer for ``module``, or ``None`` when the closed form does not apply."""
+        parts = _linear_layer(module)
+        if parts is None or not isinstance(source, TensorSource) or not _plain_sgd(optimizer):
+            return None
+        return cls(*parts, optimizer, source)
+
+    @torch.no_grad()
+    def __init__(self, standardize: nn.Module | None, layer: nn.Linear,
+                 optimizer: torch.optim.SGD, source: TensorSource):
+        self.layer, self.optimizer = layer, optimizer
+        inputs = source.inputs if standardize is None else standardize(source.inputs)
+        n, d = inputs.shape
+        # Columns: the D inputs, a column of ones for the bias, then zeros up to a multiple of
+        # 16 so that rows stay aligned for the matrix products (zero inputs get zero gradients,
+        # so those weights stay zero).
+        width = -(-(d + 1) // 16) * 16
+        self.inputs = inputs.new_zeros(n, width)  # (N, W)
+        self.inputs[:, :d] = inputs
+        self.inputs[:, d] = 1.0
+        self.labels = source.labels
+        self.weight = layer.weight.new_zeros(layer.out_features, width)  # (K, W)
+        self.weight[:, :d] = layer.weight
+        self.weight[:, d] = layer.bias
+        self.buffer = torch.zeros_like(self.weight)
+        weight_buf, bias_buf = (optimizer.state[p].get("momentum_buffer")
+                                for p in (layer.weight, layer.bias))
+        if weight_buf is not None:
+            self.buffer[:, :d] = weight_buf
+            self.buffer[:, d] = bias_buf
+        self.d = d
+
+    @torch.no_grad()
+    def epoch(self, batch_size: int, order: torch.Tensor) -> tuple[float, float]:
+        """One pass in ``order``; returns mean training loss and accuracy."""
+        group = self.optimizer.param_groups[0]
+        lr, momentum = group["lr"], group["momentum"]
+        order = torch.as_tensor(order, device=self.inputs.device)
+        loss_sum = torch.zeros((), device=self.inputs.device)
+        correct = torch.zeros((), device=self.inputs.device, dtype=torch.long)
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            inputs = self.inputs.index_select(0, index)  # (B, W)
+            targets = self.labels.index_select(0, index).unsqueeze(1)  # (B, 1)
+
+            # Forward: log-probabilities (B, K). The gradient of the mean cross-entropy with
+            # respect to the logits is (softmax - one_hot) / B.
+            log_probs = torch.mm(inputs, self.weight.t()).log_softmax(1)
+            picked = log_probs.gather(1, targets)
+            loss_sum -= picked.sum()
+            correct += (log_probs.argmax(1, keepdim=True) == targets).sum()
+            grad = log_probs.exp_().scatter_add_(1, targets, torch.full_like(picked, -1.0))
+
+            # SGD with momentum, as torch.optim.SGD does it: buf = m * buf + g; w -= lr * buf.
+            self.buffer.addmm_(grad.t(), inputs, beta=momentum, alpha=1.0 / len(targets))
+            self.weight.add_(self.buffer, alpha=-lr)
+        self._write_back()
+        return loss_sum.item() / len(order), correct.item() / len(order)
+
+    def _write_back(self):
+        layer, state = self.layer, self.optimizer.state
+        d = self.d
+        layer.weight.copy_(self.weight[:, :d])
+        layer.bias.copy_(self.weight[:, d])
+        state[layer.weight]["momentum_buffer"] = self.buffer[:, :d].clone()
+        state[layer.bias]["momentum_buffer"] = self.buffer[:, d].clone()
+
+
 def train_one_epoch(module: nn.Module, optimizer: torch.optim.Optimizer, source,
                     batch_size: int, order: torch.Tensor, *, device: torch.device,
                     autocast: bool = False, progress: bool = False) -> tuple[float, float]:
     """One pass over ``source`` in ``order``; returns mean training loss and accuracy."""
     module.train()
+
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     batches = tqdm(source.batches(batch_size, order), total=-(-len(source) // batch_size),
@@ -200,22 +305,31 @@ def fit(module: nn.Module, optimizer: torch.optim.Optimizer, train, val, *, epoc
         progress: bool = False, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train ``module`` for ``epochs`` passes over ``train``, validating after each.
 
-    The batch order of each epoch is a permutation drawn from a generator seeded with ``seed``,
-    so a head trained from the cache and one trained by streaming see the same batches.
+    A linear head on in-memory inputs trained by plain SGD runs through :class:`LinearHeadSGD`;
+    everything else through autograd (:func:`train_one_epoch`). The batch order of each epoch
+    is a permutation drawn from a generator seeded with ``seed``, so a head trained from the
+    cache and one trained by streaming see the same batches.
 
     Returns:
         One dict per epoch: train/val loss and accuracy, and wall seconds of each pass.
     """
     generator = torch.Generator().manual_seed(seed)
     history = []
+    setup_start = time.perf_counter()
+    linear = LinearHeadSGD.create(module, optimizer, train)
+    setup_seconds = time.perf_counter() - setup_start  # counted in the first epoch
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train), generator=generator)
 
         start = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(module, optimizer, train, batch_size, order,
-                                                device=device, autocast=autocast,
-                                                progress=progress)
-        train_seconds = time.perf_counter() - start
+        if linear is not None:
+            module.train()
+            train_loss, train_acc = linear.epoch(batch_size, order)
+        else:
+            train_loss, train_acc = train_one_epoch(module, optimizer, train, batch_size, order,
+                                                    device=device, autocast=autocast,
+                                                    progress=progress)
+        train_seconds = time.perf_counter() - start + (setup_seconds if epoch == 1 else 0.0)
 
         val_eval = evaluate(module, val, batch_size, device=device, autocast=autocast)
         row = {
