@@ -77,6 +77,6 @@ def test_extraction(benchmark, tmp_path, photos, size, vgg, image_size):
     assert info["images_per_s"] > 0
     assert entry.labels.tolist() == list(split.labels)
     torch.testing.assert_close(entry.features, expected, rtol=1e-4, atol=1e-5)
-    assert speed >= MIN_SPEED_VS_FORWARD, (
+    assert not size.check_targets or speed >= MIN_SPEED_VS_FORWARD, (
         f"extraction runs at {speed:.2f}x the bare forward pass; at least "
         f"{MIN_SPEED_VS_FORWARD}x expected")
