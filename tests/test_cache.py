@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tlcore.cache import CacheKey, FeatureCache, read_entry, verify_entry, write_entry
+from tlcore.cache.__main__ import main as cache_main
 from tlcore.config import CacheConfig, DataConfig, RunConfig, TrainConfig
 from tlcore.datasets import load_image_folder
 from tlcore.engine import frozen_outputs
@@ -207,28 +208,33 @@ def test_float16_entries_halve_the_size(tiny_root, tmp_path):
     assert size["b"] < 0.6 * size["a"]
 
 
-def _cli(*args, cache_dir):
-    return subprocess.run([sys.executable, "-m", "tlcore.cache", "--cache-dir", str(cache_dir),
-                           *args], capture_output=True, text=True, timeout=120)
+def test_cache_command_runs_as_a_module(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tlcore.cache", "--cache-dir", str(tmp_path),
+                           "list"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "0 entries" in proc.stdout
 
 
-def test_cache_command_lists_verifies_and_removes(tiny_root, tmp_path):
+def test_cache_command_lists_verifies_and_removes(tiny_root, tmp_path, capsys):
     run_strategy(prepare(config(tiny_root, tmp_path)), get_strategy("general"))
     cache_dir = tmp_path / "cache"
 
-    listing = _cli("list", cache_dir=cache_dir)
-    assert listing.returncode == 0
-    assert "3 entries" in listing.stdout and "random:seed0 32px colour" in listing.stdout
+    def cli(*args):
+        code = cache_main(["--cache-dir", str(cache_dir), *args])
+        out, err = capsys.readouterr()
+        return code, out, err
 
-    assert _cli("verify", cache_dir=cache_dir).returncode == 0
+    code, out, _ = cli("list")
+    assert code == 0 and "3 entries" in out and "random:seed0 32px colour" in out
+
+    assert cli("verify")[0] == 0
     victim = entries(tmp_path)[1]  # the train entry
     victim.write_bytes(victim.read_bytes()[:1000])
-    verify = _cli("verify", cache_dir=cache_dir)
-    assert verify.returncode == 1 and f"BAD  {victim.name}" in verify.stdout
+    code, out, _ = cli("verify")
+    assert code == 1 and f"BAD  {victim.name}" in out
 
-    assert _cli("remove", cache_dir=cache_dir).returncode == 2
-    removed = _cli("remove", "--split", "test", cache_dir=cache_dir)
-    assert "1 entries removed" in removed.stdout
+    code, _, err = cli("remove")
+    assert code == 2 and err.startswith("error: remove needs --all")
+    assert "1 entries removed" in cli("remove", "--split", "test")[1]
     assert not any(p.name.startswith("test-") for p in entries(tmp_path))
-    assert "2 entries removed" in _cli("remove", "--all", cache_dir=cache_dir).stdout
+    assert "2 entries removed" in cli("remove", "--all")[1]
     assert entries(tmp_path) == []

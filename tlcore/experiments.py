@@ -16,7 +16,6 @@ Rows are appended to ``experiments.csv`` in the output folder, never rewritten.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import logging
 import os
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch import nn
 
 from tlcore import TlcoreError
@@ -37,7 +35,7 @@ from tlcore.engine import Evaluation, StreamSource, evaluate
 from tlcore.inputs import Preprocess
 from tlcore.metrics import classification_metrics
 from tlcore.models import FEATURE_DIM, IMAGENET_CLASSES, TransferModel, build_head
-from tlcore.results import read_results
+from tlcore.results import append_rows, read_results
 from tlcore.runs import Session, cached_source, prepare
 from tlcore.strategies import Strategy, get_strategy
 
@@ -308,21 +306,6 @@ def evaluate_run(run: LoadedRun, conditions: Sequence[Condition]) -> list[dict]:
     return rows
 
 
-def _append_rows(path: Path, rows: list[dict]) -> None:
-    """Append rows to a CSV table, writing its header only when the file is new."""
-    with FileLock(str(path) + ".lock"):
-        if path.exists() and path.stat().st_size > 0:
-            with open(path, newline="") as f:
-                header, new = next(csv.reader(f)), False
-        else:
-            header, new = list(EXPERIMENT_COLUMNS), True
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-
-
 def run_experiments(out: str | os.PathLike, *, run_ids: Sequence[str] | None = None,
                     sizes: Sequence[int] | None = None,
                     contrasts: Sequence[float] = DEFAULT_CONTRASTS, device: str | None = None,
@@ -357,7 +340,7 @@ def run_experiments(out: str | os.PathLike, *, run_ids: Sequence[str] | None = N
             rows.append({"sweep": sweep, "finished": finished, **row})
         # Full's copy of VGG16 is the largest thing held; drop it before the next run.
         del run
-    _append_rows(out / "experiments.csv", rows)
+    append_rows(out / "experiments.csv", rows, EXPERIMENT_COLUMNS)
     return pd.DataFrame(rows, columns=list(EXPERIMENT_COLUMNS))
 
 

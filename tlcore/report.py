@@ -11,9 +11,9 @@ import argparse
 import logging
 import sys
 import time
-import warnings
 
 from tlcore import TlcoreError
+from tlcore.cli import report_error, setup_logging
 from tlcore.experiments import DEFAULT_CONTRASTS, DEFAULT_SIZES
 
 log = logging.getLogger("tlcore")
@@ -92,11 +92,7 @@ def train_all(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.captureWarnings(True)
-    warnings.filterwarnings("ignore", module="nvidia")
+    setup_logging(args.quiet)
 
     from tlcore.experiments import build_conditions, run_experiments
     from tlcore.plots import write_report
@@ -112,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                             cache_dir=args.cache_dir)
         written = write_report(args.out)
     except TlcoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     folder = written["summary.md"].parent
     print()
     print(written["summary.md"].read_text())

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-__all__ = ["RESULT_COLUMNS", "create_run_dir", "append_jsonl", "write_json", "append_result",
-           "read_results", "environment"]
+__all__ = ["RESULT_COLUMNS", "create_run_dir", "append_jsonl", "write_json", "append_rows",
+           "append_result", "read_results", "environment"]
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +60,29 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row, default=str) + "\n")
 
 
-def append_result(out: str | os.PathLike, row: dict) -> Path:
-    """Append ``row`` to ``out/results.csv``, writing the header only for a new file.
+def append_rows(path: Path, rows: list[dict], columns) -> Path:
+    """Append ``rows`` to the CSV table at ``path``, writing ``columns`` as header if it is new.
 
-    An existing file keeps its header: columns it lacks are left out of the row (they are in the
-    run folder's files), and no earlier row is ever rewritten.
+    An existing file keeps its header: columns it lacks are left out of the rows, and no earlier
+    row is ever rewritten. A lock keeps concurrent writers from interleaving.
     """
-    path = Path(out) / "results.csv"
     with FileLock(str(path) + ".lock"):
         if path.exists() and path.stat().st_size > 0:
             with open(path, newline="") as f:
-                header = next(csv.reader(f))
-            new = False
+                header, new = next(csv.reader(f)), False
         else:
-            header, new = list(RESULT_COLUMNS), True
+            header, new = list(columns), True
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow(row)
+            writer.writerows(rows)
     return path
+
+
+def append_result(out: str | os.PathLike, row: dict) -> Path:
+    """Append one run's ``row`` to ``out/results.csv`` (the rest is in its run folder)."""
+    return append_rows(Path(out) / "results.csv", [row], RESULT_COLUMNS)
 
 
 def read_results(out: str | os.PathLike):

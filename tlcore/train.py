@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 
 from tlcore import TlcoreError
 from tlcore.cache import DTYPES
+from tlcore.cli import report_error, setup_logging
 from tlcore.config import DEFAULTS, CacheConfig, DataConfig, RunConfig, TrainConfig
 from tlcore.imagenet import parse_classes
 from tlcore.inputs import LOADERS, RESIZE_MODES
@@ -145,11 +145,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.captureWarnings(True)
-    warnings.filterwarnings("ignore", module="nvidia")
+    setup_logging(args.quiet)
 
     from tlcore.runs import run_variants
 
@@ -157,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(args)
         rows = run_variants(config, progress=not args.quiet)
     except TlcoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     if rows:
         print()
         print(format_table(rows))
