@@ -244,26 +244,28 @@ class LinearHeadSGD:
         group = self.optimizer.param_groups[0]
         lr, momentum = group["lr"], group["momentum"]
         order = torch.as_tensor(order, device=self.inputs.device)
-        loss_sum = torch.zeros((), device=self.inputs.device)
-        correct = torch.zeros((), device=self.inputs.device, dtype=torch.long)
+        labels = self.labels.index_select(0, order).unsqueeze(1)  # (N, 1), in epoch order
+        # Each step's log-probabilities land here; loss and accuracy are read off once at the end.
+        log_probs_all = self.weight.new_empty(len(order), self.weight.shape[0])  # (N, K)
+        minus_one = self.weight.new_full((batch_size, 1), -1.0)
         for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            inputs = self.inputs.index_select(0, index)  # (B, W)
-            targets = self.labels.index_select(0, index).unsqueeze(1)  # (B, 1)
+            stop = min(start + batch_size, len(order))
+            inputs = self.inputs.index_select(0, order[start:stop])  # (B, W)
+            targets = labels[start:stop]  # (B, 1)
 
             # Forward: log-probabilities (B, K). The gradient of the mean cross-entropy with
             # respect to the logits is (softmax - one_hot) / B.
             log_probs = torch.mm(inputs, self.weight.t()).log_softmax(1)
-            picked = log_probs.gather(1, targets)
-            loss_sum -= picked.sum()
-            correct += (log_probs.argmax(1, keepdim=True) == targets).sum()
-            grad = log_probs.exp_().scatter_add_(1, targets, torch.full_like(picked, -1.0))
+            log_probs_all[start:stop] = log_probs
+            grad = log_probs.exp_().scatter_add_(1, targets, minus_one[:stop - start])
 
             # SGD with momentum, as torch.optim.SGD does it: buf = m * buf + g; w -= lr * buf.
-            self.buffer.addmm_(grad.t(), inputs, beta=momentum, alpha=1.0 / len(targets))
+            self.buffer.addmm_(grad.t(), inputs, beta=momentum, alpha=1.0 / (stop - start))
             self.weight.add_(self.buffer, alpha=-lr)
         self._write_back()
-        return loss_sum.item() / len(order), correct.item() / len(order)
+        loss = -log_probs_all.gather(1, labels).mean().item()
+        accuracy = (log_probs_all.argmax(1, keepdim=True) == labels).float().mean().item()
+        return loss, accuracy
 
     def _write_back(self):
         layer, state = self.layer, self.optimizer.state
