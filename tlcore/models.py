@@ -36,6 +36,7 @@ __all__ = [
     "TransferModel",
     "build_head",
     "export_head",
+    "trained_state",
     "Standardize",
 ]
 
@@ -252,7 +253,12 @@ class TransferModel(nn.Module):
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The weights this strategy trains, for saving beside the run's results."""
-        state = {f"head.{k}": v for k, v in export_head(self.head).items()}
-        if self.strategy.trains_backbone:
-            state.update({f"trunk.{k}": v for k, v in self.trunk.state_dict().items()})
-        return state
+        return trained_state(self.head, self.trunk if self.strategy.trains_backbone else None)
+
+
+def trained_state(head: nn.Module, trunk: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """``head.*`` (one plain linear layer, see :func:`export_head`), plus ``trunk.*`` if given."""
+    state = {f"head.{k}": v for k, v in export_head(head).items()}
+    if trunk is not None:
+        state.update({f"trunk.{k}": v for k, v in trunk.state_dict().items()})
+    return state

@@ -8,15 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
 from tlcore import TlcoreError
 from tlcore.cli import report_error, setup_logging
 from tlcore.experiments import DEFAULT_CONTRASTS, DEFAULT_SIZES
-
-log = logging.getLogger("tlcore")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

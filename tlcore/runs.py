@@ -37,9 +37,9 @@ from tlcore.models import (
     WeightsSpec,
     build_head,
     build_vgg16,
-    export_head,
     resolve_weights,
     split_vgg16,
+    trained_state,
 )
 from tlcore.results import append_jsonl, append_result, create_run_dir, environment, write_json
 from tlcore.strategies import Strategy, resolve_variants
@@ -283,8 +283,7 @@ def run_strategy(session: Session, strategy: Strategy, *, progress: bool = False
     val_accuracy = history[-1]["val_accuracy"] if history else evaluate_split("val").accuracy
 
     if strategy.trained:
-        state = model.trained_state() if strategy.trains_backbone else {
-            f"head.{k}": v for k, v in export_head(head).items()}
+        state = model.trained_state() if model is not None else trained_state(head)
         torch.save(state, run_dir / "weights.pt")
     write_json(run_dir / "metrics.json", {
         "test": {**metrics, "loss": test_eval.loss, "images_per_s": test_eval.images_per_s},

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from tlcore import TlcoreError
@@ -17,8 +16,6 @@ from tlcore.config import DEFAULTS, CacheConfig, DataConfig, RunConfig, TrainCon
 from tlcore.imagenet import parse_classes
 from tlcore.inputs import LOADERS, RESIZE_MODES
 from tlcore.strategies import STRATEGIES
-
-log = logging.getLogger("tlcore")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
