@@ -21,8 +21,17 @@ def _data(n=203, d=64, k=5, seed=0):
     return TensorSource(x, y, CPU)
 
 
+@pytest.fixture(params=[1, 3], ids=lambda n: f"{n}-threads")
+def threads(request):
+    """CPU threads for the test: the closed form cuts its columns into one block per thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("standardize", [False, True])
-def test_closed_form_linear_head_matches_autograd(standardize):
+def test_closed_form_linear_head_matches_autograd(standardize, threads):
     source = _data()
     torch.manual_seed(0)
     layer = nn.Linear(64, 5)
@@ -33,6 +42,7 @@ def test_closed_form_linear_head_matches_autograd(standardize):
     slow_opt = torch.optim.SGD(slow.parameters(), lr=0.05, momentum=0.9)
     trainer = LinearHeadSGD.create(fast, fast_opt, source)
     assert trainer is not None
+    assert trainer.blocks == threads
 
     for epoch in range(3):
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(epoch))

@@ -202,6 +202,10 @@ class LinearHeadSGD:
     without their per-step overhead: the inputs are standardised once and given a column of ones
     (so weight and bias are one matrix), and each step is two small matrix products. Weights and
     momentum buffers are written back to the layer and the optimizer after every epoch.
+
+    A step's products are too small for the BLAS to spread over several CPU cores, so on the
+    CPU the columns are cut into one block per thread and each product is a batched one over
+    the blocks (the forward pass then sums the blocks' partial logits).
     """
 
     @classmethod
@@ -219,24 +223,36 @@ class LinearHeadSGD:
         self.layer, self.optimizer = layer, optimizer
         inputs = source.inputs if standardize is None else standardize(source.inputs)
         n, d = inputs.shape
+        k = layer.out_features
+        self.blocks = torch.get_num_threads() if inputs.device.type == "cpu" else 1
         # Columns: the D inputs, a column of ones for the bias, then zeros up to a multiple of
-        # 16 so that rows stay aligned for the matrix products (zero inputs get zero gradients,
-        # so those weights stay zero).
-        width = -(-(d + 1) // 16) * 16
+        # 16 per block so that rows stay aligned for the matrix products (zero inputs get zero
+        # gradients, so those weights stay zero).
+        width = -(-(d + 1) // (16 * self.blocks)) * 16 * self.blocks
         self.inputs = inputs.new_zeros(n, width)  # (N, W)
         self.inputs[:, :d] = inputs
         self.inputs[:, d] = 1.0
         self.labels = source.labels
-        self.weight = layer.weight.new_zeros(layer.out_features, width)  # (K, W)
-        self.weight[:, :d] = layer.weight
-        self.weight[:, d] = layer.bias
-        self.buffer = torch.zeros_like(self.weight)
+        weight = layer.weight.new_zeros(k, width)  # (K, W)
+        weight[:, :d] = layer.weight
+        weight[:, d] = layer.bias
+        buffer = torch.zeros_like(weight)
         weight_buf, bias_buf = (optimizer.state[p].get("momentum_buffer")
                                 for p in (layer.weight, layer.bias))
         if weight_buf is not None:
-            self.buffer[:, :d] = weight_buf
-            self.buffer[:, d] = bias_buf
+            buffer[:, :d] = weight_buf
+            buffer[:, d] = bias_buf
+        self.weight, self.buffer = self._to_blocks(weight), self._to_blocks(buffer)  # (P, K, W/P)
         self.d = d
+
+    def _to_blocks(self, matrix: torch.Tensor) -> torch.Tensor:
+        """(K, W) -> (P, K, W/P): block p holds columns [p W/P, (p+1) W/P)."""
+        k, width = matrix.shape
+        return matrix.view(k, self.blocks, width // self.blocks).transpose(0, 1).contiguous()
+
+    def _from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(P, K, W/P) -> (K, W)."""
+        return blocks.transpose(0, 1).reshape(blocks.shape[1], -1)
 
     @torch.no_grad()
     def epoch(self, batch_size: int, order: torch.Tensor) -> tuple[float, float]:
@@ -244,36 +260,46 @@ class LinearHeadSGD:
         group = self.optimizer.param_groups[0]
         lr, momentum = group["lr"], group["momentum"]
         order = torch.as_tensor(order, device=self.inputs.device)
-        labels = self.labels.index_select(0, order).unsqueeze(1)  # (N, 1), in epoch order
-        # Each step's log-probabilities land here; loss and accuracy are read off once at the end.
-        log_probs_all = self.weight.new_empty(len(order), self.weight.shape[0])  # (N, K)
-        minus_one = self.weight.new_full((batch_size, 1), -1.0)
-        for start in range(0, len(order), batch_size):
-            stop = min(start + batch_size, len(order))
-            inputs = self.inputs.index_select(0, order[start:stop])  # (B, W)
-            targets = labels[start:stop]  # (B, 1)
+        labels = self.labels.index_select(0, order)  # (N,), in epoch order
+        n, width = len(order), self.inputs.shape[1]
+        blocks, k = self.blocks, self.weight.shape[1]
+        # Classes run along rows here, images along columns: the (K, W) x (W, B) product is
+        # faster than its transpose for K much smaller than B. Each step's log-probabilities
+        # land in one (K, N) array; loss and accuracy are read off it once, at the end.
+        log_probs_all = self.weight.new_empty(k, n)  # (K, N)
+        batch = self.inputs.new_empty(batch_size, width)  # (B, W), reused by every step
+        minus_one = self.weight.new_full((1, batch_size), -1.0)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            size = stop - start
+            inputs = torch.index_select(self.inputs, 0, order[start:stop], out=batch[:size])
+            inputs = inputs.view(size, blocks, width // blocks)  # (B, P, W/P)
+            targets = labels[start:stop].unsqueeze(0)  # (1, B)
 
-            # Forward: log-probabilities (B, K). The gradient of the mean cross-entropy with
+            # Forward: log-probabilities (K, B). The gradient of the mean cross-entropy with
             # respect to the logits is (softmax - one_hot) / B.
-            log_probs = torch.mm(inputs, self.weight.t()).log_softmax(1)
-            log_probs_all[start:stop] = log_probs
-            grad = log_probs.exp_().scatter_add_(1, targets, minus_one[:stop - start])
+            logits = torch.bmm(self.weight, inputs.permute(1, 2, 0)).sum(0)
+            log_probs = logits.log_softmax(0)
+            log_probs_all[:, start:stop] = log_probs
+            grad = log_probs.exp_().scatter_add_(0, targets, minus_one[:, :size])
 
             # SGD with momentum, as torch.optim.SGD does it: buf = m * buf + g; w -= lr * buf.
-            self.buffer.addmm_(grad.t(), inputs, beta=momentum, alpha=1.0 / (stop - start))
+            self.buffer.baddbmm_(grad.expand(blocks, k, size), inputs.transpose(0, 1),
+                                 beta=momentum, alpha=1.0 / size)
             self.weight.add_(self.buffer, alpha=-lr)
         self._write_back()
-        loss = -log_probs_all.gather(1, labels).mean().item()
-        accuracy = (log_probs_all.argmax(1, keepdim=True) == labels).float().mean().item()
+        loss = -log_probs_all.gather(0, labels.unsqueeze(0)).mean().item()
+        accuracy = (log_probs_all.argmax(0) == labels).float().mean().item()
         return loss, accuracy
 
     def _write_back(self):
         layer, state = self.layer, self.optimizer.state
         d = self.d
-        layer.weight.copy_(self.weight[:, :d])
-        layer.bias.copy_(self.weight[:, d])
-        state[layer.weight]["momentum_buffer"] = self.buffer[:, :d].clone()
-        state[layer.bias]["momentum_buffer"] = self.buffer[:, d].clone()
+        weight, buffer = self._from_blocks(self.weight), self._from_blocks(self.buffer)
+        layer.weight.copy_(weight[:, :d])
+        layer.bias.copy_(weight[:, d])
+        state[layer.weight]["momentum_buffer"] = buffer[:, :d].clone()
+        state[layer.bias]["momentum_buffer"] = buffer[:, d].clone()
 
 
 def train_one_epoch(module: nn.Module, optimizer: torch.optim.Optimizer, source,
