@@ -19,7 +19,7 @@ from PIL import Image
 
 from tlcore.cache import CacheKey, FeatureCache, read_entry, write_entry
 from tlcore.config import DEFAULTS, CacheConfig, DataConfig, RunConfig, TrainConfig
-from tlcore.datasets import Split, builtin_dataset
+from tlcore.datasets import Split, builtin_dataset, load_image_folder
 from tlcore.engine import TensorSource, fit, input_statistics
 from tlcore.inputs import Preprocess
 from tlcore.models import FEATURE_DIM, IMAGENET_CLASSES, WeightsSpec, build_head, build_vgg16
@@ -30,6 +30,7 @@ __all__ = [
     "SEED",
     "SIZE_VARIABLE",
     "BenchSize",
+    "ExtractCase",
     "bench_size",
     "RANDOM_WEIGHTS",
     "DEVICE",
@@ -38,6 +39,7 @@ __all__ = [
     "random_vgg16",
     "photo_folder",
     "photo_split",
+    "extraction_split",
     "digits_config",
     "digits_session",
     "warm_digits_cache",
@@ -60,6 +62,29 @@ HEAD_STRATEGIES = tuple(s.name for s in STRATEGIES.values() if s.trained and s.c
 
 
 @dataclass(frozen=True)
+class ExtractCase:
+    """Images a feature-extraction benchmark reads, and the size it extracts them at.
+
+    Attributes:
+        dataset: ``digits`` (the built-in dataset's 32x32 JPEG files) or ``photos`` (the
+            500x375 photo folder).
+        image_size: the network's input size in pixels.
+    """
+
+    dataset: str
+    image_size: int
+
+    def __str__(self) -> str:
+        return f"{self.dataset}-{self.image_size}px"
+
+
+# Each dataset at the sizes the tool extracts it at: the built-in digits at their default size,
+# photographs at the study's sizes (its ``scale`` strategy goes down to 64 px).
+DIGITS_32 = ExtractCase("digits", DEFAULTS["builtin"]["image_size"])
+PHOTO_CASES = tuple(ExtractCase("photos", s) for s in DEFAULTS["folder"]["sizes"])
+
+
+@dataclass(frozen=True)
 class BenchSize:
     """How much work one benchmark does.
 
@@ -68,7 +93,7 @@ class BenchSize:
         photos: JPEG files in the photo folder the loaders read.
         photo_size: the loaders' output size in pixels.
         extract_images: images per feature-extraction benchmark.
-        extract_sizes: image sizes extraction is timed at.
+        extract_cases: the datasets and sizes extraction is timed at.
         batch_size: images per batch for loaders, extraction and training.
         study_rows: rows of the random train and val feature arrays.
         study_epochs: epochs of ``general`` on the random feature arrays.
@@ -82,7 +107,7 @@ class BenchSize:
     photos: int
     photo_size: int
     extract_images: int
-    extract_sizes: tuple[int, ...]
+    extract_cases: tuple[ExtractCase, ...]
     batch_size: int
     study_rows: tuple[int, int]
     study_epochs: int
@@ -94,15 +119,17 @@ class BenchSize:
 # The study's feature cache: 5,279 training and 2,000 validation images.
 STUDY_ROWS = (5279, 2000)
 SIZES = {
-    "tiny": BenchSize("tiny", photos=16, photo_size=64, extract_images=16, extract_sizes=(32,),
+    "tiny": BenchSize("tiny", photos=16, photo_size=64, extract_images=16,
+                      extract_cases=(DIGITS_32, PHOTO_CASES[0]),
                       batch_size=8, study_rows=(264, 100), study_epochs=2, head_epochs=2,
                       full_epochs=1, check_targets=False),
-    "small": BenchSize("small", photos=64, photo_size=224, extract_images=64,
-                       extract_sizes=(32, 64), batch_size=32, study_rows=(528, 200),
-                       study_epochs=20, head_epochs=DEFAULTS["builtin"]["epochs"],
+    "small": BenchSize("small", photos=256, photo_size=224, extract_images=256,
+                       extract_cases=(DIGITS_32, PHOTO_CASES[0]), batch_size=32,
+                       study_rows=(528, 200), study_epochs=20,
+                       head_epochs=DEFAULTS["builtin"]["epochs"],
                        full_epochs=DEFAULTS["builtin"]["full_epochs"]),
     "full": BenchSize("full", photos=1000, photo_size=256, extract_images=256,
-                      extract_sizes=DEFAULTS["folder"]["sizes"], batch_size=32,
+                      extract_cases=(DIGITS_32, *PHOTO_CASES), batch_size=32,
                       study_rows=STUDY_ROWS, study_epochs=200,
                       head_epochs=DEFAULTS["builtin"]["epochs"],
                       full_epochs=DEFAULTS["builtin"]["full_epochs"]),
@@ -156,6 +183,16 @@ def photo_split(root: str | os.PathLike) -> Split:
             files.append(path.relative_to(root).as_posix())
             labels.append(label)
     return Split("train", root, classes, tuple(files), tuple(labels))
+
+
+def extraction_split(case: ExtractCase, photos_root: str | os.PathLike,
+                     digits_cache: str | os.PathLike, count: int) -> Split:
+    """The first ``count`` training images of the case's dataset."""
+    if case.dataset == "photos":
+        split = photo_split(photos_root)
+    else:
+        split = load_image_folder(builtin_dataset(digits_cache))["train"]
+    return Split(split.name, split.root, split.classes, split.files[:count], split.labels[:count])
 
 
 def digits_config(workdir: str | os.PathLike, variant: str = "all",

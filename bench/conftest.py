@@ -29,6 +29,12 @@ def photos(tmp_path_factory, size):
 
 
 @pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """A cache directory where the built-in dataset is written on first use."""
+    return tmp_path_factory.mktemp("digits-cache")
+
+
+@pytest.fixture(scope="session")
 def vgg():
     """VGG16 with random weights (seed 0), in eval mode."""
     return random_vgg16()
