@@ -68,6 +68,7 @@ def test_extraction(benchmark, tmp_path, photos, digits_cache, size, vgg, case):
         "images_per_s": len(split) / benchmark.stats.stats.min,
         "forward_images_per_s": len(split) / min(forward_seconds),
         "speed_vs_forward": speed, "bytes_per_image": path.stat().st_size / len(split),
+        "forward_seconds": forward_seconds, "extract_seconds": list(benchmark.stats.stats.data),
     })
     assert verify_entry(path, key) is None
     assert info["images_per_s"] > 0

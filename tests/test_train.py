@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -23,15 +24,20 @@ def _rows(out):
         return list(csv.DictReader(f))
 
 
-def test_runs_append_rows_and_leave_a_complete_run_folder(tiny_root, tmp_path, capsys):
+def test_runs_append_rows_and_leave_a_complete_run_folder(tiny_root, tmp_path, capsys, caplog):
     out, cache = tmp_path / "runs", tmp_path / "cache"
     args = ["--data", str(tiny_root), "--out", str(out), "--cache-dir", str(cache), *FAST]
+    caplog.set_level(logging.INFO, logger="tlcore.runs")
     assert main(["--variant", "general", "--use-cache", *args]) == 0
     first = _rows(out)
     assert len(first) == 1 and first[0]["variant"] == "general"
     assert "general   cache" in capsys.readouterr().out
     cached_log = (out / first[0]["run_id"] / "log.jsonl").read_text().splitlines()
     assert all(json.loads(line)["frozen_pass_seconds"] > 0 for line in cached_log)
+    # Each cached epoch's line shows its time beside that of the frozen pass it saves.
+    epoch_lines = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+    assert len(epoch_lines) == 2
+    assert all("the frozen pass alone" in line for line in epoch_lines)
 
     assert main(["--variant", "linear", *args]) == 0
     rows = _rows(out)
