@@ -9,17 +9,18 @@ import torch
 
 from bench.asv_inputs import write_photos
 from bench.common import (
+    DEVICE,
     RANDOM_WEIGHTS,
     bench_size,
     decode_all,
     extraction_split,
     random_vgg16,
 )
-from tlcore.cache import CacheKey, write_entry
+from tlcore.cache import CacheKey
 from tlcore.datasets import builtin_dataset
-from tlcore.engine import frozen_outputs
 from tlcore.inputs import Preprocess, create_loader
 from tlcore.models import split_vgg16
+from tlcore.runs import extract_entry
 
 CASES = {str(case): case for case in bench_size().extract_cases}
 
@@ -59,10 +60,8 @@ class Extraction:
             os.remove(self.path)
 
     def _extract(self):
-        loader = create_loader(self.split, self.preprocess, self.batch_size, backend="dali")
-        return write_entry(self.path, self.key, frozen_outputs(self.trunk, self.last, loader),
-                           num_images=len(self.split), paths=list(self.split.files),
-                           classes=list(self.split.classes))
+        return extract_entry(self.path, self.key, self.split, self.preprocess, self.trunk,
+                             self.last, batch_size=self.batch_size, device=DEVICE, backend="dali")
 
     @torch.inference_mode()
     def _forward(self):

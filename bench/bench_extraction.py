@@ -12,11 +12,11 @@ import time
 import pytest
 import torch
 
-from bench.common import RANDOM_WEIGHTS, bench_size, decode_all, extraction_split
-from tlcore.cache import CacheKey, read_entry, verify_entry, write_entry
-from tlcore.engine import frozen_outputs
+from bench.common import DEVICE, RANDOM_WEIGHTS, bench_size, decode_all, extraction_split
+from tlcore.cache import CacheKey, read_entry, verify_entry
 from tlcore.inputs import Preprocess, create_loader
 from tlcore.models import split_vgg16
+from tlcore.runs import extract_entry
 
 ROUNDS = 5
 MIN_SPEED_VS_FORWARD = 0.9
@@ -29,9 +29,8 @@ def _forward(trunk, last, batches) -> None:
 
 
 def _extract(split, preprocess, batch_size, trunk, last, key, path):
-    loader = create_loader(split, preprocess, batch_size, backend="dali")
-    return write_entry(path, key, frozen_outputs(trunk, last, loader), num_images=len(split),
-                       paths=list(split.files), classes=list(split.classes))
+    return extract_entry(path, key, split, preprocess, trunk, last, batch_size=batch_size,
+                         device=DEVICE, backend="dali")
 
 
 @pytest.mark.parametrize("case", bench_size().extract_cases, ids=str)

@@ -20,7 +20,7 @@ from PIL import Image
 from tlcore.cache import CacheKey, FeatureCache, read_entry, write_entry
 from tlcore.config import DEFAULTS, CacheConfig, DataConfig, RunConfig, TrainConfig
 from tlcore.datasets import Split, builtin_dataset, load_image_folder
-from tlcore.engine import TensorSource, fit, input_statistics
+from tlcore.engine import TensorSource, fit, pooled_statistics
 from tlcore.inputs import Preprocess
 from tlcore.models import FEATURE_DIM, IMAGENET_CLASSES, WeightsSpec, build_head, build_vgg16
 from tlcore.runs import Session, cached_source, prepare
@@ -208,7 +208,6 @@ def digits_config(workdir: str | os.PathLike, variant: str = "all",
 
 def digits_session(workdir: str | os.PathLike) -> Session:
     """A run session on the built-in dataset under ``workdir`` (written there on first use)."""
-    builtin_dataset(Path(workdir) / "cache")
     return prepare(digits_config(workdir))
 
 
@@ -244,10 +243,7 @@ def fresh_head(session: Session, strategy: Strategy,
     cfg = session.config.train
     stats = None
     if cfg.standardize:
-        per_size = [input_statistics(train, cfg.batch_size) for train, _ in stages]
-        mean = torch.stack([m for m, _ in per_size]).mean(0)
-        second = torch.stack([s * s + m * m for m, s in per_size]).mean(0)
-        stats = (mean, (second - mean * mean).clamp_min(0).sqrt())
+        stats = pooled_statistics([train for train, _ in stages], cfg.batch_size)
     torch.manual_seed(cfg.seed)
     return build_head(strategy, len(session.classes), session.imagenet_indices, stats)
 

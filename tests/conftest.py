@@ -43,6 +43,12 @@ def digits_root(tmp_path_factory) -> Path:
     return builtin_dataset(tmp_path_factory.mktemp("builtin"))
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache folder (built-in dataset and feature cache) for the tests that train runs."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
 @pytest.fixture
 def tiny_root(tmp_path) -> Path:
     """A small hue-coded image folder: 3 classes, 6/3/3 images per class."""

@@ -32,20 +32,15 @@ SIZES = (32, 40)
 CONTRASTS = (1.0, 0.5)
 
 
-def shared_cache(tmp_path_factory):
-    """One feature cache (and built-in dataset) for every test file of the session."""
-    return tmp_path_factory.getbasetemp() / "experiments-cache"
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, shared_cache):
     """An output folder with one short run of each strategy in ``STRATEGIES``."""
     out = tmp_path_factory.mktemp("runs")
     config = RunConfig(
         variant="all", weights="random", device="cpu", out=str(out),
         data=DataConfig(image_size=32, sizes=(32,)),
         train=TrainConfig(epochs=5, full_epochs=1),
-        cache=CacheConfig(enabled=True, directory=str(shared_cache(tmp_path_factory))),
+        cache=CacheConfig(enabled=True, directory=str(shared_cache)),
     )
     session = prepare(config)
     for name in STRATEGIES:
@@ -67,8 +62,8 @@ def rows(frame, strategy, condition, value=None):
     return picked.iloc[0]
 
 
-def test_loaders_agree_on_reduced_contrast(tmp_path_factory):
-    split = load_image_folder(builtin_dataset(shared_cache(tmp_path_factory)))["test"]
+def test_loaders_agree_on_reduced_contrast(shared_cache):
+    split = load_image_folder(builtin_dataset(shared_cache))["test"]
     pixels = {}
     for contrast in (1.0, 0.5):
         preprocess = Preprocess(48, contrast=contrast)
@@ -157,16 +152,16 @@ def test_reduced_contrast_and_other_sizes_change_predictions(sweep, strategy):
         assert changed["mean_likelihood"] != pytest.approx(base["mean_likelihood"], abs=1e-4)
 
 
-def test_second_sweep_appends_and_reads_the_cache(trained, sweep, tmp_path_factory):
+def test_second_sweep_appends_and_reads_the_cache(trained, sweep, shared_cache):
     first = read_experiments(trained)
-    entries = sorted(shared_cache(tmp_path_factory).glob("features/*.h5"))
+    entries = sorted(shared_cache.glob("features/*.h5"))
     heads = [run_id for run_id in sweep["run_id"].unique() if not run_id.endswith("full")]
 
     again = run_experiments(trained, run_ids=heads, sizes=SIZES, contrasts=CONTRASTS,
                             device="cpu")
 
     # Nothing was extracted: every condition's features were already in the cache.
-    assert sorted(shared_cache(tmp_path_factory).glob("features/*.h5")) == entries
+    assert sorted(shared_cache.glob("features/*.h5")) == entries
     table = read_experiments(trained)
     assert len(table) == len(first) + len(again)
     pd.testing.assert_frame_equal(table.iloc[:len(first)].reset_index(drop=True), first)
@@ -192,10 +187,10 @@ def test_experiments_need_a_results_table(tmp_path):
         read_experiments(tmp_path)
 
 
-def test_full_is_rebuilt_with_its_trained_trunk(trained, tmp_path_factory):
+def test_full_is_rebuilt_with_its_trained_trunk(trained, shared_cache):
     folder = next(f for f in latest_runs(trained) if f.name.endswith("full"))
     saved = torch.load(folder / "weights.pt", weights_only=True)
-    run = load_run(folder, device="cpu", cache_dir=str(shared_cache(tmp_path_factory)))
+    run = load_run(folder, device="cpu", cache_dir=str(shared_cache))
 
     trunk = run.module.trunk.state_dict()
     assert all(torch.equal(trunk[k.removeprefix("trunk.")], v) for k, v in saved.items()

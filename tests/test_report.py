@@ -18,7 +18,7 @@ TABLES = ("summary.csv", "summary.md")
 
 
 @pytest.fixture(scope="module")
-def reported(tmp_path_factory):
+def reported(tmp_path_factory, shared_cache):
     """One run of the documented command, shortened, on the built-in digits.
 
     ``full`` is not trained here (its reloading is checked with the experiments); it is still
@@ -26,9 +26,8 @@ def reported(tmp_path_factory):
     """
     out = tmp_path_factory.mktemp("report") / "runs"
     # The feature cache is shared with the experiments' tests of the same session.
-    cache = tmp_path_factory.getbasetemp() / "experiments-cache"
     code = report.main(["--out", str(out), "--train-all", "--weights", "random", "--device", "cpu",
-                        "--cache-dir", str(cache), "--epochs", "3", "--full-epochs", "0",
+                        "--cache-dir", str(shared_cache), "--epochs", "3", "--full-epochs", "0",
                         "--train-sizes", "32", "--sizes", "32", "40", "--contrasts", "0.5",
                         "--quiet"])
     assert code == 0

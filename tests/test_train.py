@@ -11,6 +11,7 @@ import pytest
 from conftest import HUES, make_image_folder, write_image
 
 from tlcore import TlcoreError
+from tlcore.datasets import load_image_folder
 from tlcore.imagenet import STUDY_CLASSES, imagenet_splits, parse_classes, wnids
 from tlcore.results import RESULT_COLUMNS
 from tlcore.train import main
@@ -151,8 +152,6 @@ def test_subset_and_general_run_on_an_imagenet_folder(tmp_path):
 
 def test_imagenette_layout_uses_val_as_test(tmp_path):
     root = make_image_folder(tmp_path / "nette", per_split={"train": 10, "val": 3})
-    from tlcore.datasets import load_image_folder
-
     splits = load_image_folder(root)
     assert {k: len(v) for k, v in splits.items()} == {"train": 24, "val": 6, "test": 9}
     assert all(f.startswith("val/") for f in splits["test"].files)
@@ -169,8 +168,9 @@ def test_imagenette_layout_uses_val_as_test(tmp_path):
     (["--classes", "study"], "--classes needs --data"),
 ])
 def test_bad_options_get_one_clear_line(tmp_path, capsys, argv, message):
-    code = main([*argv, "--quiet", "--out", str(tmp_path / "r"), "--cache-dir",
-                 str(tmp_path / "c"), "--weights", "random", *argv])
+    # Given last, the option under test overrides the defaults before it (--weights too).
+    code = main(["--quiet", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"),
+                 "--weights", "random", *argv])
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err

@@ -29,6 +29,7 @@ __all__ = [
     "Evaluation",
     "frozen_outputs",
     "input_statistics",
+    "pooled_statistics",
     "train_one_epoch",
     "evaluate",
     "fit",
@@ -177,6 +178,22 @@ def input_statistics(source, batch_size: int) -> tuple[torch.Tensor, torch.Tenso
     mean = total / count
     var = (total_sq / count - mean * mean).clamp_min(0.0) * count / max(count - 1, 1)
     return mean.float(), var.sqrt().float()
+
+
+def pooled_statistics(sources, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and standard deviation of several equally large sources taken together.
+
+    Each source (one per training image size) weighs the same; the standard deviation is that of
+    the pooled values, not a mean of the sources' deviations.
+
+    Args:
+        sources: sources of the same images, e.g. the training split at each size.
+        batch_size: rows read at a time.
+    """
+    per_source = [input_statistics(source, batch_size) for source in sources]
+    mean = torch.stack([m for m, _ in per_source]).mean(0)
+    second_moment = torch.stack([s * s + m * m for m, s in per_source]).mean(0)
+    return mean, (second_moment - mean * mean).clamp_min(0).sqrt()
 
 
 def _linear_layer(module: nn.Module) -> tuple[nn.Module | None, nn.Linear] | None:

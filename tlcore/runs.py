@@ -27,7 +27,7 @@ from tlcore.engine import (
     evaluate,
     fit,
     frozen_outputs,
-    input_statistics,
+    pooled_statistics,
 )
 from tlcore.imagenet import imagenet_indices, imagenet_splits
 from tlcore.inputs import Preprocess, create_loader, dali_available
@@ -44,7 +44,8 @@ from tlcore.models import (
 from tlcore.results import append_jsonl, append_result, create_run_dir, environment, write_json
 from tlcore.strategies import Strategy, resolve_variants
 
-__all__ = ["Session", "resolve_device", "prepare", "cached_source", "run_strategy", "run_variants"]
+__all__ = ["Session", "resolve_device", "prepare", "extract_entry", "cached_source", "run_strategy",
+           "run_variants"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,35 @@ def _with_progress(loader, total: int, desc: str, enabled: bool):
             bar.update(len(labels))
 
 
+def extract_entry(path: Path, key: CacheKey, split: Split, preprocess: Preprocess,
+                  trunk: nn.Module, last: nn.Module, *, batch_size: int, device: torch.device,
+                  backend: str, progress: bool = False) -> dict:
+    """Write ``split``'s cache entry to ``path``: every image through the frozen network once.
+
+    Args:
+        path: the file to write (the feature cache renames it into place).
+        key: the entry's key, stored in the file.
+        split: the images.
+        preprocess: the input pipeline settings the features are computed under.
+        trunk, last: the frozen network, up to the features and its last layer.
+        batch_size: images per batch.
+        device: where the network runs.
+        backend: the loader, ``dali`` or ``torchvision``.
+        progress: show a progress bar with images/s.
+
+    Returns:
+        Timing of the extraction (see :func:`tlcore.cache.write_entry`).
+    """
+    loader = create_loader(split, preprocess, batch_size, device=device, backend=backend)
+    desc = f"extract {split.name} {preprocess.image_size}px{' gray' if preprocess.gray else ''}"
+    batches = frozen_outputs(trunk, last, _with_progress(loader, len(split), desc, progress))
+    info = write_entry(path, key, batches, num_images=len(split), paths=list(split.files),
+                       classes=list(split.classes))
+    log.info("%s: %d images in %.1f s (%.1f img/s)", desc, len(split), info["seconds"],
+             info["images_per_s"])
+    return info
+
+
 def cached_source(session: Session, split: Split, preprocess: Preprocess, head_input: str,
                   progress: bool = False, timings: dict | None = None) -> TensorSource:
     """The head's inputs for ``split`` from the feature cache, extracting them if missing.
@@ -149,15 +179,9 @@ def cached_source(session: Session, split: Split, preprocess: Preprocess, head_i
     )
 
     def extract(tmp_path):
-        trunk, last = split_vgg16(session.vgg())
-        loader = create_loader(split, preprocess, session.config.train.batch_size,
-                               device=session.device, backend=session.loader)
-        desc = f"extract {split.name} {preprocess.image_size}px{' gray' if preprocess.gray else ''}"
-        batches = frozen_outputs(trunk, last, _with_progress(loader, len(split), desc, progress))
-        info = write_entry(tmp_path, key, batches, num_images=len(split),
-                           paths=list(split.files), classes=list(split.classes))
-        log.info("%s: %d images in %.1f s (%.1f img/s)", desc, len(split), info["seconds"],
-                 info["images_per_s"])
+        info = extract_entry(tmp_path, key, split, preprocess, *split_vgg16(session.vgg()),
+                             batch_size=session.config.train.batch_size, device=session.device,
+                             backend=session.loader, progress=progress)
         timings["extract_seconds"] = timings.get("extract_seconds", 0.0) + info["seconds"]
         return info
 
@@ -191,12 +215,9 @@ def _head(session: Session, strategy: Strategy, model: TransferModel | None,
     stats = None
     if cfg.standardize and strategy.trained:
         # Pooled over every training size, so that no stage sees inputs far off the scale.
-        per_size = [input_statistics(_source(session, strategy, model, session.splits["train"],
-                                             size, progress, timings, frozen_only=True),
-                                     cfg.batch_size) for size in sizes]
-        mean = torch.stack([m for m, _ in per_size]).mean(0)
-        second_moment = torch.stack([s * s + m * m for m, s in per_size]).mean(0)
-        stats = (mean, (second_moment - mean * mean).clamp_min(0).sqrt())
+        stats = pooled_statistics([_source(session, strategy, model, session.splits["train"],
+                                           size, progress, timings, frozen_only=True)
+                                   for size in sizes], cfg.batch_size)
     torch.manual_seed(cfg.seed)
     head = build_head(strategy, len(session.classes), session.imagenet_indices, stats)
     return head.to(session.device)

@@ -37,9 +37,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "study (the original study's 10 labels) or a comma-separated list "
                              "of ImageNet indices or wnids; seeded splits are drawn as file "
                              "lists, nothing is copied")
-    parser.add_argument("--per-class", type=int, nargs=3, default=(800, 200, 400),
+    parser.add_argument("--per-class", type=int, nargs=3, default=DataConfig.per_class,
                         metavar=("TRAIN", "VAL", "TEST"),
-                        help="images per class drawn for --classes (default: 800 200 400)")
+                        help="images per class drawn for --classes (default: "
+                             f"{' '.join(map(str, DataConfig.per_class))})")
     parser.add_argument("--split-seed", type=int, default=0,
                         help="seed of the --classes draw (default: 0)")
     parser.add_argument("--weights", default="auto",
