@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from bench.common import SEED, bench_size, digits_config
+from bench.common import SEED, bench_size, digits_config, wnid_digits
 from tlcore.config import TrainConfig
 from tlcore.runs import run_variants
 from tlcore.strategies import STRATEGIES
@@ -13,9 +13,11 @@ METRICS = ("test_accuracy", "test_macro_f1", "test_mean_likelihood")
 
 
 class Accuracy:
-    """Every strategy that applies, run once as ``python -m tlcore.train --variant all`` would.
+    """Every strategy run once, as ``python -m tlcore.train --variant all`` would.
 
-    The small and full sizes train for the train CLI's default epochs; tiny only for a few.
+    ``subset`` reads the ImageNet logits of the classes, so it runs on a copy of the digits
+    filed under ImageNet wnids; the others on the digits themselves. The small and full sizes
+    train for the train CLI's default epochs; tiny only for a few.
     """
 
     params = list(STRATEGIES)
@@ -25,14 +27,10 @@ class Accuracy:
     def setup_cache(self):
         size = bench_size()
         train = TrainConfig(epochs=size.head_epochs, full_epochs=size.full_epochs, seed=SEED)
-        rows = run_variants(digits_config(os.path.abspath("accuracy"), "all", train))
+        workdir = os.path.abspath("accuracy")
+        rows = run_variants(digits_config(workdir, "all", train))
+        rows += run_variants(digits_config(workdir, "subset", train, root=wnid_digits(workdir)))
         return {row["variant"]: {k: row[k] for k in METRICS} for row in rows}
-
-    def setup(self, results, name):
-        # subset reads the ImageNet logits of the classes, so it needs class folders named by
-        # ImageNet wnid; the built-in digits are not ImageNet classes and the run skips it.
-        if name not in results:
-            raise NotImplementedError(f"{name} does not apply to the built-in dataset")
 
     def track_test_accuracy(self, results, name):
         return results[name]["test_accuracy"]

@@ -2,13 +2,18 @@
 
 Every trained strategy must reach at least three times chance on the built-in digits with random
 VGG16 weights (random features keep enough of the digits' layout for a linear head to read).
+``subset`` trains nothing and reads the ImageNet logits of the classes, so it runs on the digits
+filed under ImageNet wnids; its predictions must be those of the whole network run on the images.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +28,8 @@ from bench.common import (
 )
 from tlcore.config import DEFAULTS
 from tlcore.engine import LinearHeadSGD, StreamSource, train_one_epoch
-from tlcore.inputs import Preprocess
+from tlcore.inputs import Preprocess, create_loader
+from tlcore.metrics import classification_metrics
 from tlcore.models import TransferModel
 from tlcore.runs import run_strategy
 from tlcore.strategies import STRATEGIES
@@ -36,24 +42,46 @@ STUDY_ROUNDS = 3
 CACHED_EPOCH_ROUNDS = 20
 
 
+@torch.inference_mode()
+def _whole_network_metrics(session) -> dict:
+    """Test metrics of the whole VGG16's logits of the classes, computed from the images."""
+    data, split = session.config.data, session.splits["test"]
+    loader = create_loader(split, Preprocess(data.image_size, resize_mode=data.resize_mode),
+                           session.config.train.batch_size, backend=session.loader)
+    index = torch.tensor(session.imagenet_indices)
+    probs, labels = zip(*((session.vgg()(images)[:, index].softmax(1), labels)
+                          for images, labels in loader), strict=True)
+    return classification_metrics(torch.cat(probs).numpy(), torch.cat(labels).numpy(),
+                                  len(session.classes))
+
+
 @pytest.mark.parametrize("name", list(STRATEGIES))
-def test_strategy_run(benchmark, digits, name):
+def test_strategy_run(benchmark, request, name):
     strategy = STRATEGIES[name]
-    if strategy.needs_imagenet_classes and digits.imagenet_indices is None:
-        pytest.skip(f"{name} reads the ImageNet logits of the classes; the built-in digits are "
-                    "not ImageNet classes")
+    session = request.getfixturevalue(
+        "wnid_digits_session" if strategy.needs_imagenet_classes else "digits")
 
-    row = benchmark.pedantic(run_strategy, (digits, strategy), rounds=1, iterations=1)
+    row = benchmark.pedantic(run_strategy, (session, strategy), rounds=1, iterations=1)
 
-    chance = 1.0 / len(digits.classes)
+    chance = 1.0 / len(session.classes)
     benchmark.extra_info.update({k: row[k] for k in (
         "source", "epochs", "test_accuracy", "test_macro_f1", "test_mean_likelihood",
         "train_seconds", "epoch_seconds")})
     assert row["variant"] == name
     assert row["source"] == ("stream" if strategy.trains_backbone else "cache")
-    stages = len(digits.config.data.sizes) if strategy.multi_size else 1
-    assert row["epochs"] == (digits.config.train.full_epochs if strategy.trains_backbone
-                             else digits.config.train.epochs * stages)
+    if not strategy.trained:
+        # The cached logits, selected and scored, against the whole network on the images:
+        # the same prediction for every test image but at most one (a near tie).
+        expected = _whole_network_metrics(session)
+        measured = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())["test"]
+        assert row["epochs"] == 0
+        assert np.abs(np.subtract(measured["confusion"], expected["confusion"])).sum() <= 2
+        assert row["test_mean_likelihood"] == pytest.approx(expected["mean_likelihood"],
+                                                            rel=1e-4)
+        return
+    stages = len(session.config.data.sizes) if strategy.multi_size else 1
+    assert row["epochs"] == (session.config.train.full_epochs if strategy.trains_backbone
+                             else session.config.train.epochs * stages)
     assert row["test_accuracy"] >= MIN_ACCURACY_VS_CHANCE * chance
     assert row["test_mean_likelihood"] > chance
     assert row["test_macro_f1"] > chance

@@ -10,6 +10,8 @@ cores) or ``full``.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +21,9 @@ from PIL import Image
 
 from tlcore.cache import CacheKey, FeatureCache, read_entry, write_entry
 from tlcore.config import DEFAULTS, CacheConfig, DataConfig, RunConfig, TrainConfig
-from tlcore.datasets import Split, builtin_dataset, load_image_folder
+from tlcore.datasets import SPLITS, Split, builtin_dataset, load_image_folder
 from tlcore.engine import TensorSource, fit, pooled_statistics
+from tlcore.imagenet import STUDY_CLASSES, wnids
 from tlcore.inputs import Preprocess
 from tlcore.models import FEATURE_DIM, IMAGENET_CLASSES, WeightsSpec, build_head, build_vgg16
 from tlcore.runs import Session, cached_source, prepare
@@ -42,6 +45,7 @@ __all__ = [
     "extraction_split",
     "digits_config",
     "digits_session",
+    "wnid_digits",
     "warm_digits_cache",
     "head_stages",
     "fresh_head",
@@ -196,19 +200,45 @@ def extraction_split(case: ExtractCase, photos_root: str | os.PathLike,
 
 
 def digits_config(workdir: str | os.PathLike, variant: str = "all",
-                  train: TrainConfig | None = None) -> RunConfig:
-    """The train CLI's defaults on the built-in dataset, with random weights and the cache on."""
+                  train: TrainConfig | None = None, root: str | os.PathLike | None = None,
+                  ) -> RunConfig:
+    """The train CLI's defaults on the built-in dataset, with random weights and the cache on.
+
+    ``root`` reads a copy of the digits there instead (see :func:`wnid_digits`), with the same
+    settings.
+    """
     workdir = Path(workdir)
     return RunConfig(
         variant=variant, weights="random", device="cpu", out=str(workdir / "runs"),
-        data=DataConfig(), train=train or TrainConfig(seed=SEED),
+        data=DataConfig(root=None if root is None else str(root)),
+        train=train or TrainConfig(seed=SEED),
         cache=CacheConfig(enabled=True, directory=str(workdir / "cache")),
     )
 
 
-def digits_session(workdir: str | os.PathLike) -> Session:
+def digits_session(workdir: str | os.PathLike, root: str | os.PathLike | None = None) -> Session:
     """A run session on the built-in dataset under ``workdir`` (written there on first use)."""
-    return prepare(digits_config(workdir))
+    return prepare(digits_config(workdir, root=root))
+
+
+def wnid_digits(workdir: str | os.PathLike) -> Path:
+    """The built-in digits copied under ``workdir``, each class folder named by an ImageNet wnid.
+
+    Digit ``d`` becomes the wnid of the study's ``d``-th class, so that ``subset`` (the
+    frozen network's logits of the classes) applies. Its accuracy there says nothing about
+    transfer; what it measures is the strategy's cost, and the run's arithmetic can be checked.
+    """
+    workdir = Path(workdir).resolve()
+    root = workdir / "digits-wnids"
+    if root.exists():
+        return root
+    source = builtin_dataset(workdir / "cache")
+    staging = Path(tempfile.mkdtemp(prefix=".digits-wnids-", dir=workdir))
+    for split in SPLITS:
+        for digit, index in enumerate(STUDY_CLASSES):
+            shutil.copytree(source / split / str(digit), staging / split / wnids()[index])
+    staging.rename(root)
+    return root
 
 
 def _preprocess(session: Session, strategy: Strategy, size: int) -> Preprocess:
@@ -220,9 +250,9 @@ def _sizes(session: Session, strategy: Strategy) -> tuple[int, ...]:
     return data.sizes if strategy.multi_size else (data.image_size,)
 
 
-def warm_digits_cache(session: Session) -> None:
-    """Extract every cache entry the head strategies read, so that later reads only load."""
-    for name in HEAD_STRATEGIES:
+def warm_digits_cache(session: Session, names: tuple[str, ...] = HEAD_STRATEGIES) -> None:
+    """Extract every cache entry these strategies read, so that later reads only load."""
+    for name in names:
         strategy = STRATEGIES[name]
         for size in {*_sizes(session, strategy), session.config.data.image_size}:
             for split in session.splits.values():

@@ -13,6 +13,7 @@ from bench.common import (
     random_cache_entry,
     random_vgg16,
     warm_digits_cache,
+    wnid_digits,
 )
 
 
@@ -45,6 +46,15 @@ def digits(tmp_path_factory):
     """A run session on the built-in digits, with every head strategy's cache entry extracted."""
     session = digits_session(tmp_path_factory.mktemp("digits"))
     warm_digits_cache(session)
+    return session
+
+
+@pytest.fixture(scope="session")
+def wnid_digits_session(tmp_path_factory):
+    """A run session on the digits with ImageNet wnid class folders, where ``subset`` applies."""
+    workdir = tmp_path_factory.mktemp("wnid-digits")
+    session = digits_session(workdir, root=wnid_digits(workdir))
+    warm_digits_cache(session, ("subset",))
     return session
 
 
