@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,8 @@ __all__ = [
     "LinearHeadSGD",
     "StreamSource",
     "Evaluation",
+    "CPU_BATCHES_IN_FLIGHT",
+    "batches_in_flight",
     "frozen_outputs",
     "input_statistics",
     "pooled_statistics",
@@ -36,6 +40,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+CPU_BATCHES_IN_FLIGHT = 2
 
 
 class TensorSource:
@@ -155,15 +161,57 @@ def evaluate(module: nn.Module, source, batch_size: int, *, device: torch.device
                       end - start, images_per_s)
 
 
+def batches_in_flight(device: torch.device) -> int:
+    """How many batches :func:`frozen_outputs` should run through the network at once.
+
+    On the CPU the input pipeline and the network share the cores. With two batches in flight,
+    the loader prepares the next batch while the network works, and a core that one batch
+    leaves idle (between ops, or at the end of the split) goes to the other. A GPU takes one
+    batch at a time; the input pipeline runs ahead of it on its own.
+    """
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        return CPU_BATCHES_IN_FLIGHT
+    return 1
+
+
 @torch.inference_mode()
-def frozen_outputs(trunk: nn.Module, last: nn.Module,
-                   loader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(features, logits, labels)`` per batch: what the feature cache stores."""
+def _frozen_pass(trunk: nn.Module, last: nn.Module,
+                 images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    features = trunk(images)  # (N, 3, H, W) -> (N, 4096)
+    return features, last(features)  # logits: (N, 1000)
+
+
+def frozen_outputs(trunk: nn.Module, last: nn.Module, loader, *,
+                   in_flight: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(features, logits, labels)`` per batch, in the loader's order.
+
+    This is what the feature cache stores. The network is in eval mode and sees each batch on
+    its own, so the outputs do not depend on ``in_flight``.
+
+    Args:
+        trunk: the frozen network up to the features.
+        last: its last layer (features to ImageNet logits).
+        loader: yields ``(images, labels)`` batches.
+        in_flight: batches that run through the network at once, each in a worker thread,
+            while the loader reads the next (see :func:`batches_in_flight`).
+    """
     trunk.eval()
     last.eval()
-    for images, labels in loader:
-        features = trunk(images)  # (N, 3, H, W) -> (N, 4096)
-        yield features, last(features), labels  # logits: (N, 1000)
+    if in_flight == 1:
+        for images, labels in loader:
+            yield *_frozen_pass(trunk, last, images), labels
+        return
+
+    pending: deque = deque()  # (future, labels) of the batches in flight, in loader order
+    with ThreadPoolExecutor(in_flight, thread_name_prefix="tlcore-frozen") as pool:
+        for images, labels in loader:
+            if len(pending) == in_flight:
+                future, done_labels = pending.popleft()
+                yield *future.result(), done_labels
+            pending.append((pool.submit(_frozen_pass, trunk, last, images), labels))
+        while pending:
+            future, done_labels = pending.popleft()
+            yield *future.result(), done_labels
 
 
 @torch.inference_mode()

@@ -156,9 +156,9 @@ def _dali_pipeline(*, files, labels, preprocess, on_gpu, batch_size, num_threads
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dali_math
 
-    # On the GPU, decoding the next batches overlaps with the network's work. Without one,
-    # decoding and the network share the same cores: running them in turn, each with every
-    # core, is faster than letting them contend.
+    # On the GPU, the pipeline decodes the next batches while the network works. Without one,
+    # it runs when asked, with every core; the overlap comes from the network running batches
+    # in worker threads meanwhile (engine.batches_in_flight).
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   exec_async=on_gpu, exec_pipelined=on_gpu, prefetch_queue_depth=2 if on_gpu else 1)
     def pipeline():

@@ -24,6 +24,7 @@ from tlcore.datasets import Split, builtin_dataset, load_image_folder
 from tlcore.engine import (
     StreamSource,
     TensorSource,
+    batches_in_flight,
     evaluate,
     fit,
     frozen_outputs,
@@ -151,7 +152,8 @@ def extract_entry(path: Path, key: CacheKey, split: Split, preprocess: Preproces
     """
     loader = create_loader(split, preprocess, batch_size, device=device, backend=backend)
     desc = f"extract {split.name} {preprocess.image_size}px{' gray' if preprocess.gray else ''}"
-    batches = frozen_outputs(trunk, last, _with_progress(loader, len(split), desc, progress))
+    batches = frozen_outputs(trunk, last, _with_progress(loader, len(split), desc, progress),
+                             in_flight=batches_in_flight(device))
     info = write_entry(path, key, batches, num_images=len(split), paths=list(split.files),
                        classes=list(split.classes))
     log.info("%s: %d images in %.1f s (%.1f img/s)", desc, len(split), info["seconds"],
