@@ -124,11 +124,12 @@ def prepare(config: RunConfig) -> Session:
     )
 
 
-def _with_progress(loader, total: int, desc: str, enabled: bool):
+def _with_progress(batches, total: int, desc: str, enabled: bool):
+    """Pass on ``batches`` (tuples whose last item is the labels), counting images done."""
     with tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False) as bar:
-        for images, labels in loader:
-            yield images, labels
-            bar.update(len(labels))
+        for batch in batches:
+            yield batch
+            bar.update(len(batch[-1]))
 
 
 def extract_entry(path: Path, key: CacheKey, split: Split, preprocess: Preprocess,
@@ -152,8 +153,8 @@ def extract_entry(path: Path, key: CacheKey, split: Split, preprocess: Preproces
     """
     loader = create_loader(split, preprocess, batch_size, device=device, backend=backend)
     desc = f"extract {split.name} {preprocess.image_size}px{' gray' if preprocess.gray else ''}"
-    batches = frozen_outputs(trunk, last, _with_progress(loader, len(split), desc, progress),
-                             in_flight=batches_in_flight(device))
+    batches = frozen_outputs(trunk, last, loader, in_flight=batches_in_flight(device))
+    batches = _with_progress(batches, len(split), desc, progress)
     info = write_entry(path, key, batches, num_images=len(split), paths=list(split.files),
                        classes=list(split.classes))
     log.info("%s: %d images in %.1f s (%.1f img/s)", desc, len(split), info["seconds"],
