@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -199,3 +200,20 @@ def test_full_is_rebuilt_with_its_trained_trunk(trained, shared_cache):
     fresh = run.session.vgg().features[0].weight
     assert not torch.equal(trunk["0.0.weight"], fresh)
     assert torch.equal(run.module.head.weight, saved["head.weight"])
+
+
+def test_a_sweep_that_stops_keeps_the_runs_it_finished(trained, sweep, tmp_path):
+    out = tmp_path / "runs"
+    shutil.copytree(trained, out)
+    general, linear = (next(f for f in latest_runs(out) if f.name.endswith(name))
+                       for name in ("general", "linear"))
+    (linear / "weights.pt").unlink()
+
+    with pytest.raises(TlcoreError, match="weights.pt is missing"):
+        run_experiments(out, run_ids=[general.name, linear.name], sizes=(32,),
+                        contrasts=(1.0,), device="cpu")
+
+    table = read_experiments(out)
+    added = table.iloc[len(read_experiments(trained)):]
+    assert set(added["run_id"]) == {general.name}
+    assert len(added) == len(build_conditions((32,), (1.0,)))

@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -174,3 +178,29 @@ def test_bad_options_get_one_clear_line(tmp_path, capsys, argv, message):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_ctrl_c_during_extraction_exits_in_one_line_and_leaves_no_partial_entry(tiny_root,
+                                                                                  tmp_path):
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "tlcore.train", "--variant", "general", "--use-cache",
+            "--data", str(tiny_root), "--cache-dir", str(cache), "--out", str(tmp_path / "runs"),
+            "--weights", "random", "--image-size", "224", "--quiet"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob("features/.*.tmp")):  # an entry is being written
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "extraction did not start within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines() == [
+        "interrupted: what finished is already recorded; the feature cache keeps complete "
+        "entries only"]
+    assert list(cache.glob("features/*.tmp")) + list(cache.glob("features/.*.tmp")) == []
+    assert list(cache.glob("features/*.h5")) == []  # the first entry was the one interrupted

@@ -8,7 +8,7 @@ import warnings
 
 from tlcore import TlcoreError
 
-__all__ = ["setup_logging", "report_error"]
+__all__ = ["setup_logging", "report_error", "report_interrupt"]
 
 
 def setup_logging(quiet: bool) -> None:
@@ -24,3 +24,10 @@ def report_error(exc: TlcoreError) -> int:
     """Print a user mistake as one line on stderr; return the exit code for it."""
     print(f"error: {exc}", file=sys.stderr)
     return 2
+
+
+def report_interrupt() -> int:
+    """Print one line for Ctrl-C; return the shell's exit code for it."""
+    print("interrupted: what finished is already recorded; the feature cache keeps complete "
+          "entries only", file=sys.stderr)
+    return 130

@@ -335,12 +335,16 @@ def run_experiments(out: str | os.PathLike, *, run_ids: Sequence[str] | None = N
         run_sizes = default_sizes(run.config) if sizes is None else sizes
         conditions = build_conditions(run_sizes, contrasts)
         log.info("experiments on %s (%d conditions)", folder.name, len(conditions))
+        run_rows = []
         for row in evaluate_run(run, conditions):
             finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            rows.append({"sweep": sweep, "finished": finished, **row})
+            run_rows.append({"sweep": sweep, "finished": finished, **row})
+        # Each run's rows are recorded as soon as they are complete: an interrupted sweep
+        # keeps the runs it finished.
+        append_rows(out / "experiments.csv", run_rows, EXPERIMENT_COLUMNS)
+        rows += run_rows
         # Full's copy of VGG16 is the largest thing held; drop it before the next run.
         del run
-    append_rows(out / "experiments.csv", rows, EXPERIMENT_COLUMNS)
     return pd.DataFrame(rows, columns=list(EXPERIMENT_COLUMNS))
 
 

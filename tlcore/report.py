@@ -12,7 +12,7 @@ import sys
 import time
 
 from tlcore import TlcoreError
-from tlcore.cli import report_error, setup_logging
+from tlcore.cli import report_error, report_interrupt, setup_logging
 from tlcore.experiments import DEFAULT_CONTRASTS, DEFAULT_SIZES
 
 
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         written = write_report(args.out)
     except TlcoreError as exc:
         return report_error(exc)
+    except KeyboardInterrupt:
+        return report_interrupt()
     folder = written["summary.md"].parent
     print()
     print(written["summary.md"].read_text())

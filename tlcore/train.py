@@ -11,7 +11,7 @@ import sys
 
 from tlcore import TlcoreError
 from tlcore.cache import DTYPES
-from tlcore.cli import report_error, setup_logging
+from tlcore.cli import report_error, report_interrupt, setup_logging
 from tlcore.config import DEFAULTS, CacheConfig, DataConfig, RunConfig, TrainConfig
 from tlcore.imagenet import parse_classes
 from tlcore.inputs import LOADERS, RESIZE_MODES
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_variants(config, progress=not args.quiet)
     except TlcoreError as exc:
         return report_error(exc)
+    except KeyboardInterrupt:
+        return report_interrupt()
     if rows:
         print()
         print(format_table(rows))
