@@ -238,3 +238,55 @@ def test_cache_command_lists_verifies_and_removes(tiny_root, tmp_path, capsys):
     assert not any(p.name.startswith("test-") for p in entries(tmp_path))
     assert "2 entries removed" in cli("remove", "--all")[1]
     assert entries(tmp_path) == []
+
+
+# Extracts a split of ``sys.argv[2]`` batches of 256 "images" and prints how far the process's
+# peak resident memory rose meanwhile, in KiB. The network keeps the first 4096 values of each
+# image as its features and the first 1000 as its logits, so that the run costs little time.
+_MEMORY_SCRIPT = """
+import resource, sys, torch
+from pathlib import Path
+from torch import nn
+from tlcore.cache import CacheKey, write_entry
+from tlcore.engine import frozen_outputs
+
+class Narrow(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+    def forward(self, x):
+        return x[:, :self.width].clone()
+
+batches, rows = int(sys.argv[2]), 256
+def loader():
+    for b in range(batches):
+        yield torch.full((rows, 4096), float(b)), torch.zeros(rows, dtype=torch.long)
+
+key = CacheKey(weights="w", split="train", data_root="r", fingerprint="f", preprocess={},
+               loader="dali")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+write_entry(Path(sys.argv[1]), key, frozen_outputs(Narrow(4096), Narrow(1000), loader(),
+                                                   in_flight=2),
+            num_images=batches * rows, paths=[str(i) for i in range(batches * rows)],
+            classes=["a"])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def _peak_rise_mib(path: Path, batches: int) -> float:
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(path), str(batches)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip()) / 1024
+
+
+def test_extraction_memory_does_not_grow_with_the_split(tmp_path):
+    short = _peak_rise_mib(tmp_path / "short.h5", 20)
+    long = _peak_rise_mib(tmp_path / "long.h5", 120)
+
+    # The 100 extra batches' features and logits: about 500 MiB, had they been kept.
+    extra_mib = 100 * 256 * (4096 + 1000) * 4 / 2**20
+    assert long - short < extra_mib / 5, (short, long)
+    with h5py.File(tmp_path / "long.h5") as f:
+        assert f["features"].shape == (120 * 256, 4096)
+        assert f["features"][-1, 0] == 119.0 and f["logits"][256, 999] == 1.0
