@@ -255,7 +255,8 @@ def _train(session: Session, strategy: Strategy, module: nn.Module, model, *,
             log.info("%s epoch %d (%dpx): train loss %.4f acc %.3f, val acc %.3f, %.3f s%s",
                      strategy.name, row["epoch"], size, row["train_loss"], row["train_accuracy"],
                      row["val_accuracy"], row["train_seconds"],
-                     "" if saved is None else f" (streamed, the frozen pass alone: {saved:.2f} s)")
+                     "" if saved is None else
+                     f" (streamed, its frozen pass alone would take {saved:.2f} s)")
 
         fit(module, optimizer, train, val, epochs=epochs, batch_size=cfg.batch_size,
             seed=cfg.seed + stage, device=session.device, autocast=strategy.trains_backbone,
