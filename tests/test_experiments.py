@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_image_folder
 
 from tlcore import TlcoreError
 from tlcore.config import CacheConfig, DataConfig, RunConfig, TrainConfig
@@ -22,6 +23,7 @@ from tlcore.experiments import (
     read_experiments,
     run_experiments,
 )
+from tlcore.imagenet import wnids
 from tlcore.inputs import Preprocess, create_loader
 from tlcore.results import read_results
 from tlcore.runs import prepare, run_strategy
@@ -217,3 +219,28 @@ def test_a_sweep_that_stops_keeps_the_runs_it_finished(trained, sweep, tmp_path)
     added = table.iloc[len(read_experiments(trained)):]
     assert set(added["run_id"]) == {general.name}
     assert len(added) == len(build_conditions((32,), (1.0,)))
+
+
+def test_subset_is_swept_on_imagenet_wnid_classes(tmp_path, shared_cache):
+    classes = tuple(wnids()[i] for i in (945, 513, 886))
+    root = make_image_folder(tmp_path / "wnids", classes=classes)
+    out = tmp_path / "runs"
+    config = RunConfig(
+        variant="subset", weights="random", device="cpu", out=str(out),
+        data=DataConfig(root=str(root), image_size=32, sizes=(32,)),
+        cache=CacheConfig(enabled=True, directory=str(shared_cache)),
+    )
+    row = run_strategy(prepare(config), get_strategy("subset"))
+
+    frame = run_experiments(out, sizes=SIZES, contrasts=CONTRASTS, device="cpu")
+
+    conditions = build_conditions(SIZES, CONTRASTS)
+    assert len(frame) == len(conditions) and set(frame["strategy"]) == {"subset"}
+    base = rows(frame, "subset", "base")
+    assert base["run_id"] == row["run_id"]
+    assert base["accuracy"] == pytest.approx(row["test_accuracy"], abs=1e-9)
+    assert base["mean_likelihood"] == pytest.approx(row["test_mean_likelihood"], rel=1e-5)
+    assert rows(frame, "subset", "contrast", 1.0)["accuracy"] == base["accuracy"]
+    # Other sizes and half the contrast feed the network other pixels: other likelihoods.
+    assert rows(frame, "subset", "size", 40)["mean_likelihood"] != base["mean_likelihood"]
+    assert rows(frame, "subset", "contrast", 0.5)["mean_likelihood"] != base["mean_likelihood"]
