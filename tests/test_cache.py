@@ -148,6 +148,41 @@ def test_interrupted_extraction_leaves_nothing_that_looks_complete(tmp_path):
     assert read_entry(path, ["features"]).features[8, 0].item() == 8.0
 
 
+# Extracts the entry of test_cache._key(sys.argv[1]) into sys.argv[1]/c and is killed (the
+# signal Ctrl-C cannot soften) after three batches, in the middle of writing it.
+_KILLED_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from test_cache import _extract, _fake_batches, _key
+from tlcore.cache import FeatureCache, write_entry
+
+def batches():
+    for i, batch in enumerate(_fake_batches(40)):
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield batch
+
+key = _key(Path(sys.argv[1]))
+FeatureCache(Path(sys.argv[1]) / "c").get_or_create(key, lambda path: write_entry(
+    path, key, batches(), num_images=40, paths=[str(i) for i in range(40)], classes=["a"]))
+"""
+
+
+def test_a_killed_extraction_is_cleaned_up_by_the_next(tmp_path, caplog):
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SCRIPT, str(tmp_path)],
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    left = list((tmp_path / "c").glob(".*.tmp"))
+    assert len(left) == 1 and left[0].stat().st_size > 0
+
+    cache, key = FeatureCache(tmp_path / "c"), _key(tmp_path)
+    path, created = cache.get_or_create(key, _extract(key))
+
+    assert created and verify_entry(path, key) is None
+    assert list((tmp_path / "c").glob(".*.tmp")) == []
+    assert "left by an extraction that was killed" in caplog.text
+
+
 @pytest.mark.parametrize("damage", ["truncate", "wrong key", "wrong shape"])
 def test_unsound_entries_are_reported_and_rebuilt(tmp_path, caplog, damage):
     cache, key = FeatureCache(tmp_path / "c"), _key(tmp_path)

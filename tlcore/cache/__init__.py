@@ -268,7 +268,8 @@ class FeatureCache:
 
         ``extract(tmp_path)`` writes the entry to ``tmp_path``; it is renamed into place only
         when it returns. A second process asking for the same entry waits for the lock and then
-        reuses what the first wrote. A file that fails its checks is reported and rebuilt.
+        reuses what the first wrote. A file that fails its checks is reported and rebuilt, and
+        what a killed extraction left is removed.
 
         Returns:
             The entry's path, and whether it was created by this call.
@@ -284,6 +285,11 @@ class FeatureCache:
                 problem = verify_entry(path, key)
                 log.warning("cache entry %s is unusable (%s); rebuilding it", path.name, problem)
                 path.unlink()
+            # Only the lock holder writes this entry: any temporary file beside it was left by
+            # an extraction that was killed.
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                log.warning("removing %s, left by an extraction that was killed", stale.name)
+                stale.unlink(missing_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             try:
                 extract(tmp)
