@@ -153,7 +153,7 @@ def test_interrupted_extraction_leaves_nothing_that_looks_complete(tmp_path):
 _KILLED_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
-from test_cache import _extract, _fake_batches, _key
+from test_cache import _fake_batches, _key
 from tlcore.cache import FeatureCache, write_entry
 
 def batches():

@@ -166,8 +166,8 @@ def batches_in_flight(device: torch.device) -> int:
 
     On the CPU the input pipeline and the network share the cores. With two batches in flight,
     the loader prepares the next batch while the network works, and a core that one batch
-    leaves idle (between ops, or at the end of the split) goes to the other. A GPU takes one
-    batch at a time; the input pipeline runs ahead of it on its own.
+    leaves idle between ops goes to the other. A GPU takes one batch at a time; the input
+    pipeline runs ahead of it on its own.
     """
     if device.type == "cpu" and torch.get_num_threads() > 1:
         return CPU_BATCHES_IN_FLIGHT
