@@ -89,13 +89,62 @@ def test_frozen_layers_stay_in_eval_mode_during_training():
     assert torch.equal(model.frozen(images), model.frozen(images))  # no dropout
 
 
-def test_split_vgg16_reproduces_the_network():
+def _first_layer_calls(trunk) -> list[int]:
+    """Counts the calls of the first classifier layer (skipped when the trunk folds it)."""
+    calls = []
+    trunk[3].register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    return calls
+
+
+@pytest.mark.parametrize("size", [32, 64, 100, 224, 256])
+def test_split_vgg16_reproduces_the_network(size):
     vgg = build_vgg16(resolve_weights("random")).eval()
     trunk, last = split_vgg16(vgg)
-    images = torch.randn(2, 3, 32, 32)
+    calls = _first_layer_calls(trunk)
+    images = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        assert torch.allclose(last(trunk(images)), vgg(images), atol=1e-6)
-        assert trunk(images).shape == (2, 4096)
+        expected = vgg(images)
+        calls.clear()
+        features = trunk(images)
+    torch.testing.assert_close(last(features), expected, rtol=1e-4, atol=1e-6)
+    assert features.shape == (2, 4096)
+    # Below 224 px the feature map is smaller than the pooled 7x7 grid: the pooling and the
+    # first classifier layer run as one folded layer. From 224 px on they run as they are.
+    assert calls == ([] if size < 224 else [2])
+
+
+def test_trunk_state_dict_keys_are_those_of_the_plain_layers():
+    vgg = build_vgg16(resolve_weights("random"))
+    trunk, _ = split_vgg16(vgg)
+    plain = nn.Sequential(vgg.features, vgg.avgpool, nn.Flatten(1), *vgg.classifier[:-1])
+    assert list(trunk.state_dict()) == list(plain.state_dict())
+
+
+def test_trunk_fold_follows_changes_to_the_weights():
+    vgg = build_vgg16(resolve_weights("random")).eval()
+    trunk, _ = split_vgg16(vgg)
+    images = torch.randn(2, 3, 32, 32)
+    first = vgg.classifier[0]
+    with torch.no_grad():
+        before = trunk(images)
+        first.weight.mul_(-2.0)  # in place, as an optimizer step
+        changed = trunk(images)
+        torch.testing.assert_close(changed, vgg.classifier[:-1](torch.flatten(
+            vgg.avgpool(vgg.features(images)), 1)), rtol=1e-4, atol=1e-6)
+        first.weight = nn.Parameter(torch.zeros_like(first.weight))  # replaced
+        replaced = trunk(images)
+    assert not torch.allclose(before, changed)
+    torch.testing.assert_close(replaced, vgg.classifier[:-1](torch.zeros(2, 25088)))
+
+
+def test_trunk_trains_through_the_unfolded_layers():
+    vgg = build_vgg16(resolve_weights("random"))
+    trunk, _ = split_vgg16(vgg)
+    calls = _first_layer_calls(trunk)
+    trunk(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert calls == [2]
+    assert vgg.classifier[0].weight.grad is not None
+    assert vgg.classifier[0].weight.grad.abs().sum() > 0
 
 
 def test_standardised_head_folds_into_one_linear_layer():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VGG16_Weights, vgg16
 
@@ -33,6 +34,7 @@ __all__ = [
     "resolve_weights",
     "build_vgg16",
     "split_vgg16",
+    "Trunk",
     "TransferModel",
     "build_head",
     "export_head",
@@ -129,14 +131,71 @@ def build_vgg16(weights: WeightsSpec) -> nn.Module:
     return model
 
 
-def split_vgg16(vgg: nn.Module) -> tuple[nn.Sequential, nn.Linear]:
+def split_vgg16(vgg: nn.Module) -> tuple[Trunk, nn.Linear]:
     """Split VGG16 into the layers up to its penultimate activations, and its last layer.
 
     The two share their parameters with ``vgg``.
     """
-    trunk = nn.Sequential(vgg.features, vgg.avgpool, nn.Flatten(1),
-                          *list(vgg.classifier.children())[:-1])
+    trunk = Trunk(vgg.features, vgg.avgpool, nn.Flatten(1), *list(vgg.classifier.children())[:-1])
     return trunk, vgg.classifier[-1]
+
+
+class Trunk(nn.Sequential):
+    """VGG16 up to its penultimate activations: convolutions, pooling, then the classifier.
+
+    Images smaller than VGG16's 224 px leave a feature map smaller than the 7x7 grid that the
+    adaptive pooling fills, so the pooling only repeats and averages values. Pooling and the
+    first classifier layer are then one linear map with fewer inputs: 512 instead of 25,088 at
+    32 px (a 1x1 map), 2,048 at 64 px. Whenever no gradient reaches that layer's weights, the
+    map is folded once per feature-map size and reused, which makes small images much cheaper
+    through the frozen network (the 103M-weight layer dominates there). The result equals the
+    layers run one after another up to float rounding. A fold is rebuilt when the weights
+    change in place (an optimizer step) or are replaced.
+
+    Children, and so state-dict keys, are those of the plain sequence: features, pooling,
+    flatten, then the classifier's layers up to the last.
+    """
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__(*layers)
+        # (map height, width, device, dtype) -> ((weight version, storage), folded weight)
+        self._folds: dict[tuple, tuple[tuple[int, int], torch.Tensor]] = {}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features, pool, flatten, first, *rest = self
+        x = features(images)  # (N, 512, h, w)
+        folded = self._folded_weight(pool, first, x)
+        if folded is None:
+            x = first(flatten(pool(x)))
+        else:
+            x = F.linear(x.flatten(1), folded, first.bias)  # (N, 512 h w) -> (N, 4096)
+        for layer in rest:
+            x = layer(x)
+        return x
+
+    def _folded_weight(self, pool: nn.Module, layer: nn.Linear,
+                       x: torch.Tensor) -> torch.Tensor | None:
+        weight = layer.weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return None
+        channels, h, w = x.shape[1:]
+        cells = weight.shape[1] // channels  # positions in the pooled grid (49)
+        if h * w >= cells:
+            return None
+        key = (h, w, x.device, x.dtype)
+        stamp = (weight._version, weight.data_ptr())
+        cached = self._folds.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        # Pooling is linear: its matrix is its output for each one-hot input position.
+        # Computed outside any inference mode, so that the fold can serve every caller.
+        with torch.inference_mode(False), torch.no_grad():
+            basis = torch.eye(h * w, device=weight.device, dtype=weight.dtype)
+            pooling = pool(basis.view(h * w, 1, h, w)).reshape(h * w, cells)  # (hw, cells)
+            folded = weight.view(-1, channels, cells) @ pooling.T  # (4096, 512, hw)
+            folded = folded.reshape(weight.shape[0], channels * h * w).to(x.dtype).contiguous()
+        self._folds[key] = (stamp, folded)
+        return folded
 
 
 class SelectLogits(nn.Module):
