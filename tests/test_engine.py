@@ -7,6 +7,7 @@ import copy
 import itertools
 import threading
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -55,6 +56,8 @@ def test_closed_form_linear_head_matches_autograd(standardize, threads):
     trainer = LinearHeadSGD.create(fast, fast_opt, source)
     assert trainer is not None
     assert trainer.blocks == threads
+    val = _data(n=57, seed=1)
+    validate = trainer.evaluator(val)
 
     for epoch in range(3):
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(epoch))
@@ -63,6 +66,11 @@ def test_closed_form_linear_head_matches_autograd(standardize, threads):
         assert fast_stats == pytest.approx(slow_stats, rel=1e-5)
         for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
             assert torch.allclose(a, b, atol=1e-5)
+        # Validation through the trainer's blocks: what the layer itself gives.
+        fast_val, slow_val = validate(), evaluate(slow, val, 16, device=CPU)
+        assert fast_val.loss == pytest.approx(slow_val.loss, rel=1e-5)
+        np.testing.assert_allclose(fast_val.probs, slow_val.probs, atol=1e-5)
+        assert fast_val.labels.tolist() == slow_val.labels.tolist()
     # The optimizer's momentum is kept, so a later stage continues where this one stopped.
     for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
         assert torch.allclose(fast_opt.state[a]["momentum_buffer"],

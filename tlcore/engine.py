@@ -8,6 +8,7 @@ whole network on streamed images; only the source differs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -270,7 +271,9 @@ class LinearHeadSGD:
 
     A step's products are too small for the BLAS to spread over several CPU cores, so on the
     CPU the columns are cut into one block per thread and each product is a batched one over
-    the blocks (the forward pass then sums the blocks' partial logits).
+    the blocks (the forward pass then sums the blocks' partial logits). Validation goes the
+    same way (:meth:`evaluator`): a product with only K columns is as awkward for the BLAS
+    when it has thousands of rows.
     """
 
     @classmethod
@@ -285,18 +288,14 @@ class LinearHeadSGD:
     @torch.no_grad()
     def __init__(self, standardize: nn.Module | None, layer: nn.Linear,
                  optimizer: torch.optim.SGD, source: TensorSource):
-        self.layer, self.optimizer = layer, optimizer
-        inputs = source.inputs if standardize is None else standardize(source.inputs)
-        n, d = inputs.shape
-        k = layer.out_features
-        self.blocks = torch.get_num_threads() if inputs.device.type == "cpu" else 1
+        self.layer, self.optimizer, self.standardize = layer, optimizer, standardize
+        d, k = layer.in_features, layer.out_features
+        self.blocks = torch.get_num_threads() if source.inputs.device.type == "cpu" else 1
         # Columns: the D inputs, a column of ones for the bias, then zeros up to a multiple of
         # 16 per block so that rows stay aligned for the matrix products (zero inputs get zero
         # gradients, so those weights stay zero).
-        width = -(-(d + 1) // (16 * self.blocks)) * 16 * self.blocks
-        self.inputs = inputs.new_zeros(n, width)  # (N, W)
-        self.inputs[:, :d] = inputs
-        self.inputs[:, d] = 1.0
+        self.width = width = -(-(d + 1) // (16 * self.blocks)) * 16 * self.blocks
+        self.inputs = self._prepare(source.inputs)  # (N, W)
         self.labels = source.labels
         weight = layer.weight.new_zeros(k, width)  # (K, W)
         weight[:, :d] = layer.weight
@@ -309,6 +308,39 @@ class LinearHeadSGD:
             buffer[:, d] = bias_buf
         self.weight, self.buffer = self._to_blocks(weight), self._to_blocks(buffer)  # (P, K, W/P)
         self.d = d
+
+    def _prepare(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(N, D) inputs -> (N, W): standardised, a column of ones, zeros up to W."""
+        inputs = inputs if self.standardize is None else self.standardize(inputs)
+        n, d = inputs.shape
+        prepared = inputs.new_zeros(n, self.width)
+        prepared[:, :d] = inputs
+        prepared[:, d] = 1.0
+        return prepared
+
+    @torch.no_grad()
+    def evaluator(self, source: TensorSource) -> Callable[[], Evaluation]:
+        """A function that evaluates the layer's current weights on ``source``.
+
+        It returns what :func:`evaluate` returns for the head. The inputs are prepared once,
+        as the training inputs are, so each call is one batched product over the blocks.
+        """
+        inputs = self._prepare(source.inputs)  # (N, W)
+        n, width = inputs.shape
+        blocks = inputs.view(n, self.blocks, width // self.blocks).permute(1, 2, 0)  # (P, W/P, N)
+        labels = source.labels
+
+        @torch.no_grad()
+        def run() -> Evaluation:
+            start = time.perf_counter()
+            logits = torch.bmm(self.weight, blocks).sum(0).T  # (N, K)
+            loss = F.cross_entropy(logits, labels).item()
+            probs = logits.softmax(1).cpu().numpy()
+            seconds = time.perf_counter() - start
+            return Evaluation(probs, labels.cpu().numpy(), loss, seconds,
+                              n / max(seconds, 1e-9))
+
+        return run
 
     def _to_blocks(self, matrix: torch.Tensor) -> torch.Tensor:
         """(K, W) -> (P, K, W/P): block p holds columns [p W/P, (p+1) W/P)."""
@@ -410,6 +442,11 @@ def fit(module: nn.Module, optimizer: torch.optim.Optimizer, train, val, *, epoc
     history = []
     setup_start = time.perf_counter()
     linear = LinearHeadSGD.create(module, optimizer, train)
+    if linear is not None and isinstance(val, TensorSource):
+        validate = linear.evaluator(val)
+    else:
+        validate = functools.partial(evaluate, module, val, batch_size, device=device,
+                                     autocast=autocast)
     setup_seconds = time.perf_counter() - setup_start  # counted in the first epoch
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train), generator=generator)
@@ -424,7 +461,7 @@ def fit(module: nn.Module, optimizer: torch.optim.Optimizer, train, val, *, epoc
                                                     progress=progress)
         train_seconds = time.perf_counter() - start + (setup_seconds if epoch == 1 else 0.0)
 
-        val_eval = evaluate(module, val, batch_size, device=device, autocast=autocast)
+        val_eval = validate()
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
