@@ -358,36 +358,49 @@ class LinearHeadSGD:
         lr, momentum = group["lr"], group["momentum"]
         order = torch.as_tensor(order, device=self.inputs.device)
         labels = self.labels.index_select(0, order)  # (N,), in epoch order
-        n, width = len(order), self.inputs.shape[1]
-        blocks, k = self.blocks, self.weight.shape[1]
+        n, k = len(order), self.weight.shape[1]
         # Classes run along rows here, images along columns: the (K, W) x (W, B) product is
         # faster than its transpose for K much smaller than B. Each step's log-probabilities
         # land in one (K, N) array; loss and accuracy are read off it once, at the end.
         log_probs_all = self.weight.new_empty(k, n)  # (K, N)
-        batch = self.inputs.new_empty(batch_size, width)  # (B, W), reused by every step
+        # scatter_add_ reads as many of these as a step's targets need.
         minus_one = self.weight.new_full((1, batch_size), -1.0)
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            size = stop - start
-            inputs = torch.index_select(self.inputs, 0, order[start:stop], out=batch[:size])
-            inputs = inputs.view(size, blocks, width // blocks)  # (B, P, W/P)
-            targets = labels[start:stop].unsqueeze(0)  # (1, B)
+        steps = zip(order.split(batch_size), labels.view(1, n).split(batch_size, 1),
+                    log_probs_all.split(batch_size, 1), strict=True)
+        buffers = {}  # batch size -> the step's buffers and the views the products read
+        for index, targets, log_probs in steps:  # (B,), (1, B), (K, B)
+            size = len(index)
+            if size not in buffers:
+                buffers[size] = self._step_buffers(size)
+            batch, forward_in, backward_in, grad, grad_in = buffers[size]
+            torch.index_select(self.inputs, 0, index, out=batch)
 
             # Forward: log-probabilities (K, B). The gradient of the mean cross-entropy with
             # respect to the logits is (softmax - one_hot) / B.
-            logits = torch.bmm(self.weight, inputs.permute(1, 2, 0)).sum(0)
-            log_probs = logits.log_softmax(0)
-            log_probs_all[:, start:stop] = log_probs
-            grad = log_probs.exp_().scatter_add_(0, targets, minus_one[:, :size])
+            log_probs.copy_(torch.bmm(self.weight, forward_in).sum(0).log_softmax(0))
+            torch.exp(log_probs, out=grad).scatter_add_(0, targets, minus_one)
 
             # SGD with momentum, as torch.optim.SGD does it: buf = m * buf + g; w -= lr * buf.
-            self.buffer.baddbmm_(grad.expand(blocks, k, size), inputs.transpose(0, 1),
-                                 beta=momentum, alpha=1.0 / size)
+            self.buffer.baddbmm_(grad_in, backward_in, beta=momentum, alpha=1.0 / size)
             self.weight.add_(self.buffer, alpha=-lr)
         self._write_back()
         loss = -log_probs_all.gather(0, labels.unsqueeze(0)).mean().item()
         accuracy = (log_probs_all.argmax(0) == labels).float().mean().item()
         return loss, accuracy
+
+    def _step_buffers(self, size: int) -> tuple[torch.Tensor, ...]:
+        """Buffers a step of ``size`` rows reuses, and the views of them the products read.
+
+        Returns the rows (B, W), them as blocks for the forward product (P, W/P, B) and for the
+        backward one (P, B, W/P), the gradient of the logits (K, B), and it for every block
+        (P, K, B). Made once per batch size, they spare each step their setup.
+        """
+        blocks, k = self.blocks, self.weight.shape[1]
+        batch = self.inputs.new_empty(size, self.width)
+        split = batch.view(size, blocks, self.width // blocks)  # (B, P, W/P)
+        grad = self.weight.new_empty(k, size)
+        return (batch, split.permute(1, 2, 0), split.transpose(0, 1), grad,
+                grad.expand(blocks, k, size))
 
     def _write_back(self):
         layer, state = self.layer, self.optimizer.state
