@@ -361,12 +361,13 @@ class LinearHeadSGD:
         n, k = len(order), self.weight.shape[1]
         # Classes run along rows here, images along columns: the (K, W) x (W, B) product is
         # faster than its transpose for K much smaller than B. Each step's log-probabilities
-        # land in one (K, N) array; loss and accuracy are read off it once, at the end.
-        log_probs_all = self.weight.new_empty(k, n)  # (K, N)
+        # land in one (N, K) array (seen as (K, N)); loss and accuracy are read off it once, at
+        # the end, along its contiguous rows.
+        log_probs_all = self.weight.new_empty(n, k)  # (N, K)
         # scatter_add_ reads as many of these as a step's targets need.
         minus_one = self.weight.new_full((1, batch_size), -1.0)
         steps = zip(order.split(batch_size), labels.view(1, n).split(batch_size, 1),
-                    log_probs_all.split(batch_size, 1), strict=True)
+                    log_probs_all.T.split(batch_size, 1), strict=True)
         buffers = {}  # batch size -> the step's buffers and the views the products read
         for index, targets, log_probs in steps:  # (B,), (1, B), (K, B)
             size = len(index)
@@ -384,8 +385,8 @@ class LinearHeadSGD:
             self.buffer.baddbmm_(grad_in, backward_in, beta=momentum, alpha=1.0 / size)
             self.weight.add_(self.buffer, alpha=-lr)
         self._write_back()
-        loss = -log_probs_all.gather(0, labels.unsqueeze(0)).mean().item()
-        accuracy = (log_probs_all.argmax(0) == labels).float().mean().item()
+        loss = -log_probs_all.gather(1, labels.unsqueeze(1)).mean().item()
+        accuracy = (log_probs_all.argmax(1) == labels).float().mean().item()
         return loss, accuracy
 
     def _step_buffers(self, size: int) -> tuple[torch.Tensor, ...]:
