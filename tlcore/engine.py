@@ -308,6 +308,7 @@ class LinearHeadSGD:
             buffer[:, d] = bias_buf
         self.weight, self.buffer = self._to_blocks(weight), self._to_blocks(buffer)  # (P, K, W/P)
         self.d = d
+        self._steps = {}  # batch size -> a step's buffers and the views the products read
 
     def _prepare(self, inputs: torch.Tensor) -> torch.Tensor:
         """(N, D) inputs -> (N, W): standardised, a column of ones, zeros up to W."""
@@ -368,12 +369,11 @@ class LinearHeadSGD:
         minus_one = self.weight.new_full((1, batch_size), -1.0)
         steps = zip(order.split(batch_size), labels.view(1, n).split(batch_size, 1),
                     log_probs_all.T.split(batch_size, 1), strict=True)
-        buffers = {}  # batch size -> the step's buffers and the views the products read
         for index, targets, log_probs in steps:  # (B,), (1, B), (K, B)
             size = len(index)
-            if size not in buffers:
-                buffers[size] = self._step_buffers(size)
-            batch, forward_in, backward_in, grad, grad_in = buffers[size]
+            if size not in self._steps:
+                self._steps[size] = self._step_buffers(size)
+            batch, forward_in, backward_in, grad, grad_in = self._steps[size]
             torch.index_select(self.inputs, 0, index, out=batch)
 
             # Forward: log-probabilities (K, B). The gradient of the mean cross-entropy with
@@ -394,7 +394,8 @@ class LinearHeadSGD:
 
         Returns the rows (B, W), them as blocks for the forward product (P, W/P, B) and for the
         backward one (P, B, W/P), the gradient of the logits (K, B), and it for every block
-        (P, K, B). Made once per batch size, they spare each step their setup.
+        (P, K, B). Made once per batch size and trainer, they spare each step and each epoch
+        their setup.
         """
         blocks, k = self.blocks, self.weight.shape[1]
         batch = self.inputs.new_empty(size, self.width)
