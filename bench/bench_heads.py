@@ -22,13 +22,15 @@ from bench.common import (
     DEVICE,
     SEED,
     bench_size,
+    cached_trainer,
+    fit_orders,
     fresh_head,
     head_stages,
     load_features,
     train_head,
 )
 from tlcore.config import DEFAULTS
-from tlcore.engine import LinearHeadSGD, StreamSource, train_one_epoch
+from tlcore.engine import StreamSource, train_one_epoch
 from tlcore.inputs import Preprocess, create_loader
 from tlcore.metrics import classification_metrics
 from tlcore.models import TransferModel
@@ -103,16 +105,7 @@ def test_cached_vs_streamed_epoch(benchmark, digits):
     split = digits.splits["train"]
     ((train, val),) = head_stages(digits, strategy)
     head = fresh_head(digits, strategy, [(train, val)])
-    # The orders of the first two epochs of ``fit`` seeded with SEED.
-    generator = torch.Generator().manual_seed(SEED)
-    first_order, second_order = (torch.randperm(len(split), generator=generator)
-                                 for _ in range(2))
-
-    def fresh_args(source):
-        """A copy of the same starting head and a new optimizer."""
-        module = copy.deepcopy(head)
-        optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-        return (module, optimizer, source, cfg.batch_size, first_order), {"device": DEVICE}
+    first_order, second_order = fit_orders(len(split), 2)
 
     # The streamed epoch: every image decoded and passed through the frozen network.
     model = TransferModel(digits.vgg(), strategy, copy.deepcopy(head))
@@ -124,12 +117,13 @@ def test_cached_vs_streamed_epoch(benchmark, digits):
     def stream_epoch_then_cached_epoch():
         """Times a streamed first epoch, then the same epoch and a validation pass from the
         cache, with the closed-form trainer that ``fit`` uses on cached features."""
-        args, kwargs = fresh_args(stream)
+        module = copy.deepcopy(head)
+        optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         start = time.perf_counter()
-        streamed = train_one_epoch(*args, **kwargs)
+        streamed = train_one_epoch(module, optimizer, stream, cfg.batch_size, first_order,
+                                   device=DEVICE)
         stream_seconds.append(time.perf_counter() - start)
-        (module, optimizer, source, *_), _ = fresh_args(train)
-        trainer = LinearHeadSGD.create(module, optimizer, source)
+        trainer = cached_trainer(head, cfg, train)
         start = time.perf_counter()
         first_epochs.append((streamed, trainer.epoch(cfg.batch_size, first_order)))
         first_seconds.append(time.perf_counter() - start)

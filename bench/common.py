@@ -9,6 +9,7 @@ cores) or ``full``.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from PIL import Image
 from tlcore.cache import CacheKey, FeatureCache, read_entry, write_entry
 from tlcore.config import DEFAULTS, CacheConfig, DataConfig, RunConfig, TrainConfig
 from tlcore.datasets import SPLITS, Split, builtin_dataset, load_image_folder
-from tlcore.engine import TensorSource, fit, pooled_statistics
+from tlcore.engine import LinearHeadSGD, TensorSource, fit, pooled_statistics
 from tlcore.imagenet import STUDY_CLASSES, wnids
 from tlcore.inputs import Preprocess
 from tlcore.models import FEATURE_DIM, IMAGENET_CLASSES, WeightsSpec, build_head, build_vgg16
@@ -287,6 +288,21 @@ def train_head(head: torch.nn.Module, stages, *, epochs: int, lr: float,
         history += fit(head, optimizer, train, val, epochs=epochs, batch_size=batch_size,
                        seed=SEED + stage, device=DEVICE, on_epoch=on_epoch)
     return history
+
+
+def fit_orders(rows: int, epochs: int) -> list[torch.Tensor]:
+    """The batch orders of the first ``epochs`` epochs of ``fit`` seeded with ``SEED``."""
+    generator = torch.Generator().manual_seed(SEED)
+    return [torch.randperm(rows, generator=generator) for _ in range(epochs)]
+
+
+def cached_trainer(head: torch.nn.Module, cfg: TrainConfig,
+                   train: TensorSource) -> LinearHeadSGD:
+    """The closed-form trainer ``fit`` makes on cached ``train``, for a copy of ``head`` with a
+    new optimizer (so that every trainer starts from the same state)."""
+    module = copy.deepcopy(head)
+    optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    return LinearHeadSGD.create(module, optimizer, train)
 
 
 def random_features(rows: int, num_classes: int = 10, seed: int = SEED):
