@@ -16,6 +16,7 @@ from bench.common import (
     digits_session,
     fit_orders,
     fresh_head,
+    head_copy,
     head_stages,
     load_features,
     random_cache_entry,
@@ -139,8 +140,7 @@ class CacheVsStream(_Digits):
         self.orders = fit_orders(len(self.stream), 2)
 
     def _streamed_seconds(self) -> float:
-        head = copy.deepcopy(self.head)
-        optimizer = torch.optim.SGD(head.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum)
+        head, optimizer = head_copy(self.head, self.cfg)
         start = time.perf_counter()
         train_one_epoch(head, optimizer, self.stream, self.cfg.batch_size, self.orders[0],
                         device=DEVICE)

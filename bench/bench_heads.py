@@ -25,6 +25,7 @@ from bench.common import (
     cached_trainer,
     fit_orders,
     fresh_head,
+    head_copy,
     head_stages,
     load_features,
     train_head,
@@ -117,10 +118,8 @@ def test_cached_vs_streamed_epoch(benchmark, digits):
     def stream_epoch_then_cached_epoch():
         """Times a streamed first epoch, then the same epoch and a validation pass from the
         cache, with the closed-form trainer that ``fit`` uses on cached features."""
-        module = copy.deepcopy(head)
-        optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         start = time.perf_counter()
-        streamed = train_one_epoch(module, optimizer, stream, cfg.batch_size, first_order,
+        streamed = train_one_epoch(*head_copy(head, cfg), stream, cfg.batch_size, first_order,
                                    device=DEVICE)
         stream_seconds.append(time.perf_counter() - start)
         trainer = cached_trainer(head, cfg, train)

@@ -296,13 +296,17 @@ def fit_orders(rows: int, epochs: int) -> list[torch.Tensor]:
     return [torch.randperm(rows, generator=generator) for _ in range(epochs)]
 
 
+def head_copy(head: torch.nn.Module,
+              cfg: TrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A copy of ``head`` and a new SGD optimizer for it: every copy starts from one state."""
+    module = copy.deepcopy(head)
+    return module, torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+
 def cached_trainer(head: torch.nn.Module, cfg: TrainConfig,
                    train: TensorSource) -> LinearHeadSGD:
-    """The closed-form trainer ``fit`` makes on cached ``train``, for a copy of ``head`` with a
-    new optimizer (so that every trainer starts from the same state)."""
-    module = copy.deepcopy(head)
-    optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    return LinearHeadSGD.create(module, optimizer, train)
+    """The closed-form trainer ``fit`` makes on cached ``train``, for a copy of ``head``."""
+    return LinearHeadSGD.create(*head_copy(head, cfg), train)
 
 
 def random_features(rows: int, num_classes: int = 10, seed: int = SEED):
